@@ -1,0 +1,52 @@
+"""Handlers for ``longplay stack up|down|status``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from infra import stack
+
+
+def stack_up(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    print(f"starting the local stack under {state_dir}/ ...", file=sys.stderr)
+    try:
+        env = stack.up(state_dir, num_cpus=args.num_cpus)
+    except stack.StackError as err:
+        print(f"longplay: stack up failed: {err}", file=sys.stderr)
+        return 1
+    state = stack.StackState.load(state_dir.resolve())
+    print(
+        f"S3 http://127.0.0.1:{state.ports['s3']}  MLflow http://127.0.0.1:{state.ports['mlflow']}  "
+        f"Ray dashboard http://127.0.0.1:{state.ports['ray_dashboard']}\n"
+        f"# the block below is also in {state_dir}/credentials.env (mode 0600); to use it: "
+        f"eval $(longplay stack up) or source {state_dir}/credentials.env",
+        file=sys.stderr,
+    )
+    print(stack.export_block(env))
+    return 0
+
+
+def stack_down(args: argparse.Namespace) -> int:
+    stopped = stack.down(Path(args.state_dir))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"), file=sys.stderr)
+    return 0
+
+
+def stack_status(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir).resolve()
+    state = stack.StackState.load(state_dir)
+    if not state.ports:
+        print(f"no stack under {state_dir}")
+        return 1
+    health = stack.health(state_dir)
+    urls = {
+        "s3": f"http://127.0.0.1:{state.ports['s3']}",
+        "mlflow": f"http://127.0.0.1:{state.ports['mlflow']}",
+        "ray": f"http://127.0.0.1:{state.ports['ray_dashboard']}",
+    }
+    for name, ok in health.items():
+        print(f"{name:8s} {'healthy' if ok else 'DOWN':8s} {urls[name]}")
+    return 0 if all(health.values()) else 1

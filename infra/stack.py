@@ -1,0 +1,424 @@
+"""The local service stack: SeaweedFS S3, an MLflow tracking server and a Ray head, all on 127.0.0.1.
+
+``up`` starts what is not running (idempotent) and returns the standard variables every longplay command reads;
+``down`` stops exactly the process groups ``up`` started (recorded in ``STATE/stack.json``); ``status`` checks
+health. State lives under one directory (default ``.longplay/``)::
+
+    .longplay/
+      stack.json        ports and process-group ids (no secrets)
+      credentials.env   the export block, secrets included (mode 0600)
+      s3.json           SeaweedFS identity config (mode 0600)
+      s3/ mlflow.db     object data, MLflow backend store
+      logs/             one log per service
+
+Each service runs in its own session (``start_new_session``), so its whole process tree shares one process group
+and ``down`` can signal that group and nothing else. The Ray auth token is Ray's own: ``~/.ray/auth_token``,
+generated with ``ray get-auth-token --generate`` when missing, found by every Ray client on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BUCKET = "longplay"
+HOST = "127.0.0.1"
+REGION = "us-east-1"
+PREFERRED = {"s3": 8333, "mlflow": 5000, "ray_gcs": 6379, "ray_dashboard": 8265, "ray_client": 10001}
+# SeaweedFS mini opens these besides S3; each gets a free port so two stacks never collide.
+WEED_PORTS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "admin.port",
+    "admin.port.grpc",
+)
+SERVICES = ("s3", "mlflow", "ray")
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class StackState:
+    """What ``up`` recorded: enough for ``status`` and ``down`` (no secrets)."""
+
+    ports: dict[str, int] = field(default_factory=dict)
+    pgids: dict[str, int] = field(default_factory=dict)
+    ray_temp_dir: str = ""
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StackState:
+        path = state_dir / "stack.json"
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, state_dir: Path) -> None:
+        tmp = state_dir / "stack.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(state_dir / "stack.json")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(avoid: set[int] = frozenset()) -> int:
+    """A free TCP port on 127.0.0.1 outside Ray's worker range (10002-19999)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port not in avoid and not 10002 <= port <= 19999 and port + 10000 not in avoid:
+            return port
+    raise StackError("no free port found on 127.0.0.1")
+
+
+def _pick(preferred: int, taken: set[int]) -> int:
+    port = preferred if preferred not in taken and _port_free(preferred) else free_port(taken)
+    taken.add(port)
+    return port
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = stat_fields[0], int(stat_fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    try:  # reap the group leader if it is our own exited child, so it does not linger as a zombie
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return bool(_group_members(pgid))
+
+
+def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
+    try:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+            return 200 <= resp.status < 300
+    except Exception:
+        return False
+
+
+def _bin(name: str) -> str:
+    """A console script installed beside this interpreter (the venv), else on PATH."""
+    candidate = Path(sys.executable).with_name(name)
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise StackError(f"{name}: not installed (run `make install`)")
+    return found
+
+
+def _wait(what: str, check, timeout: float, pgid: int, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+    raise StackError(f"{what} did not become healthy; last log lines:\n" + "\n".join(tail))
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    return proc.pid  # == its process group id (new session)
+
+
+# ----------------------------------------------------------------------------------------------- credentials
+def _credentials(state_dir: Path) -> tuple[str, str]:
+    path = state_dir / "credentials.json"
+    if path.exists():
+        creds = json.loads(path.read_text())
+        return creds["access_key"], creds["secret_key"]
+    access, secret = "LP" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+    _write_private(path, json.dumps({"access_key": access, "secret_key": secret}))
+    return access, secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def stack_env(state_dir: Path) -> dict[str, str]:
+    """The standard variables that point every longplay command (and boto3, MLflow, Ray) at this stack."""
+    state = StackState.load(state_dir)
+    if not state.ports:
+        raise StackError(f"no stack recorded under {state_dir}; run `longplay stack up`")
+    access, secret = _credentials(state_dir)
+    s3 = f"http://{HOST}:{state.ports['s3']}"
+    return {
+        "AWS_ENDPOINT_URL": s3,
+        "AWS_ACCESS_KEY_ID": access,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": REGION,
+        "MLFLOW_TRACKING_URI": f"http://{HOST}:{state.ports['mlflow']}",
+        "MLFLOW_S3_ENDPOINT_URL": s3,
+        "RAY_ADDRESS": f"{HOST}:{state.ports['ray_gcs']}",
+    }
+
+
+def export_block(env: dict[str, str]) -> str:
+    return "\n".join(f"export {key}={value}" for key, value in env.items())
+
+
+# ----------------------------------------------------------------------------------------------- health
+def _tcp_open(state: StackState, name: str) -> bool:
+    try:
+        with socket.create_connection((HOST, state.ports[name]), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def health(state_dir: Path) -> dict[str, bool]:
+    """Service name → healthy (its process group alive and its endpoint answering)."""
+    state = StackState.load(state_dir)
+    out = {}
+    for name in SERVICES:
+        pgid = state.pgids.get(name)
+        alive = pgid is not None and _group_alive(pgid)
+        if name == "s3":
+            ok = alive and _tcp_open(state, "s3")
+        elif name == "mlflow":
+            ok = alive and _http_ok(f"http://{HOST}:{state.ports['mlflow']}/health")
+        else:
+            ok = alive and _http_ok(f"http://{HOST}:{state.ports['ray_dashboard']}/api/version", _ray_auth_header())
+        out[name] = ok
+    return out
+
+
+def _ray_auth_header() -> dict[str, str]:
+    token_path = Path.home() / ".ray" / "auth_token"
+    return {"Authorization": f"Bearer {token_path.read_text().strip()}"} if token_path.exists() else {}
+
+
+# ----------------------------------------------------------------------------------------------- up / down
+def _start_s3(state_dir: Path, state: StackState, access: str, secret: str) -> None:
+    identities = {
+        "identities": [
+            {
+                "name": "longplay",
+                "credentials": [{"accessKey": access, "secretKey": secret}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    _write_private(state_dir / "s3.json", json.dumps(identities))
+    (state_dir / "s3").mkdir(exist_ok=True)
+    cmd = [
+        _bin("weed"),
+        "mini",
+        f"-dir={state_dir / 's3'}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        "-master.telemetry=false",
+        f"-s3.config={state_dir / 's3.json'}",
+        f"-s3.port={state.ports['s3']}",
+        f"-bucket={BUCKET}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.volumeSizeLimitMB=256",
+    ]
+    cmd += [f"-{flag}={state.ports['s3_' + flag]}" for flag in WEED_PORTS]
+    log = state_dir / "logs" / "s3.log"
+    state.pgids["s3"] = _spawn(cmd, log, dict(os.environ))
+    state.save(state_dir)
+    env = {**os.environ, **stack_env(state_dir)}
+    probe = [sys.executable, "-c", f"from pipeline import storage; storage.ensure_bucket('s3://{BUCKET}/')"]
+    _wait(
+        "SeaweedFS S3",
+        lambda: subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0,  # noqa: S603
+        120,
+        state.pgids["s3"],
+        log,
+    )
+
+
+def _start_mlflow(state_dir: Path, state: StackState) -> None:
+    env = {**os.environ, **stack_env(state_dir), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        _bin("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(state.ports["mlflow"]),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{(state_dir / 'mlflow.db').resolve()}",
+        "--artifacts-destination",
+        f"s3://{BUCKET}/mlflow-artifacts",
+        "--serve-artifacts",
+    ]
+    log = state_dir / "logs" / "mlflow.log"
+    state.pgids["mlflow"] = _spawn(cmd, log, env)
+    state.save(state_dir)
+    _wait("MLflow", lambda: _http_ok(f"http://{HOST}:{state.ports['mlflow']}/health"), 180, state.pgids["mlflow"], log)
+
+
+def _ensure_ray_token() -> None:
+    token = Path.home() / ".ray" / "auth_token"
+    if not token.exists():
+        subprocess.run([_bin("ray"), "get-auth-token", "--generate"], check=True, capture_output=True)  # noqa: S603
+    os.chmod(token, 0o600)
+
+
+def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None:
+    _ensure_ray_token()
+    # Ray's unix socket paths must stay short, so its temp dir is /tmp/lp-<hash of the state dir>.
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    state.ray_temp_dir = f"/tmp/lp-{digest}"  # noqa: S108
+    env = {
+        **os.environ,
+        **stack_env(state_dir),
+        # Single-machine mode: the node IP stays 127.0.0.1, so GCS and raylet bind loopback only.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Job drivers find `python` and `longplay` of this installation first.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS")
+    cmd = [
+        _bin("ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--node-ip-address={HOST}",
+        f"--port={state.ports['ray_gcs']}",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={state.ports['ray_dashboard']}",
+        f"--ray-client-server-port={state.ports['ray_client']}",
+        f"--temp-dir={state.ray_temp_dir}",
+        f"--num-cpus={num_cpus or os.cpu_count() or 2}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
+    log = state_dir / "logs" / "ray.log"
+    state.pgids["ray"] = _spawn(cmd, log, env)
+    state.save(state_dir)
+    url = f"http://{HOST}:{state.ports['ray_dashboard']}/api/version"
+    _wait("Ray head", lambda: _http_ok(url, _ray_auth_header()), 180, state.pgids["ray"], log)
+
+
+def _allocate_ports(state: StackState, restart: set[str]) -> None:
+    """Give every service in ``restart`` its ports (preferred ones when free); keep the healthy ones' ports."""
+    # A restarted service keeps its old ports when they are free, so exported endpoints stay valid.
+    previous = {n: p for n, p in state.ports.items() if n.split("_")[0] in restart}
+    taken = {port for name, port in state.ports.items() if name not in previous}
+    names = [n for n in PREFERRED if n.split("_")[0] in restart]
+    if "s3" in restart:
+        names += [f"s3_{flag}" for flag in WEED_PORTS]
+    for name in names:
+        state.ports[name] = _pick(previous.get(name) or PREFERRED.get(name) or free_port(taken), taken)
+
+
+def up(state_dir: Path, num_cpus: int | None = None) -> dict[str, str]:
+    """Start whatever is not healthy; return the standard environment for the stack."""
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    state = StackState.load(state_dir)
+    healthy = health(state_dir) if state.ports else dict.fromkeys(SERVICES, False)
+    restart = {name for name, ok in healthy.items() if not ok}
+    for name in restart:
+        _stop_group(state.pgids.pop(name, None))
+    _allocate_ports(state, restart)
+    state.save(state_dir)
+    access, secret = _credentials(state_dir)
+    if "s3" in restart:
+        _start_s3(state_dir, state, access, secret)
+    if "mlflow" in restart:
+        _start_mlflow(state_dir, state)
+    if "ray" in restart:
+        _start_ray(state_dir, state, num_cpus)
+    state.save(state_dir)
+    env = stack_env(state_dir)
+    _write_private(state_dir / "credentials.env", export_block(env) + "\n")
+    return env
+
+
+def _stop_group(pgid: int | None, timeout: float = 8.0) -> None:
+    """SIGTERM the group leader (it shuts its own children down in order), then SIGKILL whatever remains."""
+    if pgid is None or not _group_alive(pgid):
+        return
+    try:
+        os.kill(pgid, signal.SIGTERM)
+    except ProcessLookupError:  # the leader is gone but members remain: signal them all
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+        while _group_alive(pgid):
+            time.sleep(0.1)
+
+
+def down(state_dir: Path) -> list[str]:
+    """Stop every service ``up`` started under ``state_dir``; returns the names stopped."""
+    state_dir = state_dir.resolve()
+    state = StackState.load(state_dir)
+    stopped = []
+    for name in reversed(SERVICES):  # Ray first: its jobs may still write to S3 and MLflow
+        pgid = state.pgids.pop(name, None)
+        if pgid is not None and _group_alive(pgid):
+            _stop_group(pgid)
+            stopped.append(name)
+    if state.ray_temp_dir:
+        shutil.rmtree(state.ray_temp_dir, ignore_errors=True)
+    state.save(state_dir)
+    return stopped
+
+
+def listening_pids(state_dir: Path) -> set[int]:
+    """Every live pid in the stack's process groups (for tests and ``status``)."""
+    state = StackState.load(state_dir.resolve())
+    return {pid for pgid in state.pgids.values() for pid in _group_members(pgid)}

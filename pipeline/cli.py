@@ -1,0 +1,145 @@
+"""The ``longplay`` command (SPEC §5).
+
+The command tree lives here; each stage's handler lives with its stage and is named by a dotted string
+(``"infra.cli:stack_up"``) that is imported only when that command runs. So ``pipeline`` never imports
+``preprocess``, ``train`` or ``infra`` at module level, and ``longplay --help`` stays fast.
+
+Exit codes: 0 ok, 1 the job failed, 2 bad usage or config (one line naming the key and what is wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline.config import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage; the message is printed as one line and the command exits 2."""
+
+
+def _handler(path: str) -> Callable[[argparse.Namespace], int]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+NOT_BUILT = "pipeline.cli:not_built"
+
+
+def not_built(args: argparse.Namespace) -> int:
+    raise UsageError(f"`longplay {args.command_name}` is not built yet ({args.issue})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longplay", description="Stable Audio as a distributed training system")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(parent, name: str, handler: str, help: str, issue: str = "") -> argparse.ArgumentParser:
+        """Add a subcommand; ``issue`` marks one whose stage is not built yet (it exits 2 saying so)."""
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler, command_name=p.prog.removeprefix("longplay "), issue=issue)
+        return p
+
+    # stack ------------------------------------------------------------------------------------------------
+    stack = sub.add_parser("stack", help="the local service stack (S3, MLflow, Ray) on 127.0.0.1")
+    stack_sub = stack.add_subparsers(dest="stack_command", required=True)
+    for name, help in (("up", "start the stack and print export lines"), ("down", "stop it"), ("status", "health")):
+        p = command(stack_sub, name, f"infra.cli:stack_{name}", help)
+        p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
+        if name == "up":
+            p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
+
+    # data ------------------------------------------------------------------------------------------------
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = command(data_sub, "demo", NOT_BUILT, "render the demo music dataset", issue="issue 6")
+    p.add_argument("out")
+    p.add_argument("--minutes", type=float, default=10.0)
+
+    # preprocess / shards ----------------------------------------------------------------------------------
+    p = command(sub, "preprocess", NOT_BUILT, "audio → latent shards (Ray job)", issue="issue 4")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--vae", required=True)
+    p.add_argument("--manifest")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    shards = sub.add_parser("shards", help="inspect or verify a preprocess output")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    for name in ("inspect", "verify"):
+        p = command(shards_sub, name, f"pipeline.commands:shards_{name}", f"{name} a preprocess output")
+        p.add_argument("out")
+
+    # train / submit ----------------------------------------------------------------------------------------
+    p = command(sub, "train", NOT_BUILT, "DeepSpeed training through Ray Train", issue="issue 5")
+    p.add_argument("kind", choices=["vae", "clap", "diffusion"])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = command(sub, "submit", NOT_BUILT, "submit a longplay command as a Ray Job", issue="issue 7")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+    # generate / evaluate -----------------------------------------------------------------------------------
+    p = command(sub, "generate", NOT_BUILT, "text + seconds → 44.1 kHz stereo wav", issue="issue 6")
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("-o", "--output", required=True)
+    p = command(sub, "evaluate", NOT_BUILT, "the paper's metrics for a model", issue="issue 6")
+    p.add_argument("model")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--reference", required=True)
+
+    # config ----------------------------------------------------------------------------------------------
+    config = sub.add_parser("config", help="configuration files")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    p = command(config_sub, "validate", "pipeline.commands:config_validate", "load, validate and print a config")
+    p.add_argument("schema", choices=["train", "preprocess"])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    # weights / models / demo -------------------------------------------------------------------------------
+    weights = sub.add_parser("weights", help="weight conversion")
+    weights_sub = weights.add_subparsers(dest="weights_command", required=True)
+    p = command(weights_sub, "import", "pipeline.commands:weights_import", "import SAT/diffusers weights")
+    p.add_argument("src")
+    p.add_argument("--to", required=True, dest="dst")
+    models = sub.add_parser("models", help="model presets")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    p = command(models_sub, "summary", "pipeline.commands:models_summary", "parameter counts of a preset")
+    p.add_argument("preset", choices=["tiny", "sa1", "sa-open"])
+    p.add_argument("--json", action="store_true")
+    command(sub, "demo", NOT_BUILT, "the end-to-end demo", issue="issue 6")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = _handler(args.handler)(args)
+    except (ConfigError, UsageError) as err:
+        print(f"longplay: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("longplay: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so exception classes are the ones handlers raise (not __main__'s copies).
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,57 @@
+"""Handlers for the commands that belong to the shared library: config, models, weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import PreprocessConfig, TrainConfig, load_config
+
+SCHEMAS = {"train": TrainConfig, "preprocess": PreprocessConfig}
+
+
+def config_validate(args: argparse.Namespace) -> int:
+    """Load a config with overrides and print the resolved result (ConfigError → exit 2 via the CLI)."""
+    cfg = load_config(SCHEMAS[args.schema], args.config, args.overrides)
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def models_summary(args: argparse.Namespace) -> int:
+    from pipeline.models.presets import parameter_counts
+
+    counts = parameter_counts(args.preset)
+    if args.json:
+        print(json.dumps({"preset": args.preset, "parameters": counts}, indent=2))
+    else:
+        for name, count in counts.items():
+            print(f"{name:12s} {count / 1e6:10.1f}M")
+    return 0
+
+
+def weights_import(args: argparse.Namespace) -> int:
+    from pipeline.weights import import_weights
+
+    summary = import_weights(args.src, args.dst)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def shards_inspect(args: argparse.Namespace) -> int:
+    from pipeline import shards
+
+    print(json.dumps(shards.inspect(args.out), indent=2))
+    return 0
+
+
+def shards_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every tar, checksum and sample is sound, 1 otherwise (problems listed on stderr)."""
+    import sys
+
+    from pipeline import shards
+
+    report = shards.verify(args.out)
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    print(json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples}))
+    return 0 if report.ok else 1

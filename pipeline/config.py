@@ -1,0 +1,198 @@
+"""Typed configuration for every stage, loaded from YAML with ``key=value`` dotted overrides.
+
+One loader for everything: :func:`load_config` reads a YAML file (or nothing), applies overrides such as
+``run.max_steps=20`` and validates the result against a pydantic schema that forbids unknown keys. Any
+problem raises :class:`ConfigError`, whose message is one line naming the key; the CLI turns it into exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is a single line naming the key and what is wrong."""
+
+
+class Section(BaseModel):
+    """Base for every config block: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------------------------- shared blocks
+class RunConfig(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name; same name resumes")
+    checkpoint_uri: str = Field(".longplay/checkpoints", description="local dir or s3:// prefix for checkpoints")
+    experiment: str = Field("longplay", description="MLflow experiment name")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps to train for")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between metric logs")
+    demo_every: int = Field(1000, ge=1, description="steps between demo audio/spectrogram logs")
+    seed: int = Field(0, description="base seed; each rank and worker derives its own from it")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train may recover from")
+    register_as: str | None = Field(None, description="MLflow registered model name (default: run name)")
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO optimisation stage")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (fp16 is GPU-only)")
+    micro_batch: int = Field(4, ge=1, description="samples per rank per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip (0 = off)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-3, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    decay: Literal["cosine", "constant", "inverse"] = Field("cosine", description="lr schedule after warmup")
+
+
+class EmaSection(Section):
+    enabled: bool = Field(True, description="keep an exponential moving average of the weights")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step")
+
+
+class DataSection(Section):
+    shards: str = Field(..., description="a preprocess OUT (local dir or s3:// prefix)")
+    split: str = Field("train", description="shard split to read")
+    window_seconds: float = Field(10.0, gt=0, description="training crop length in seconds")
+    shuffle_buffer: int = Field(256, ge=0, description="samples in the seeded shuffle buffer")
+    num_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    holdout_split: str | None = Field(None, description="split used for evaluation (e.g. CLAP recall)")
+
+
+class ModelSection(Section):
+    preset: Literal["tiny", "sa1", "sa-open"] = Field("tiny", description="model size preset")
+    vae: str | None = Field(None, description="autoencoder URI (diffusion demo decode / VAE resume)")
+    clap: str | None = Field(None, description="trained CLAP URI (diffusion conditioning)")
+
+
+# ----------------------------------------------------------------------------------------------- stage configs
+class TrainConfig(Section):
+    """Everything a training run needs; ``kind`` picks the loop."""
+
+    kind: Literal["vae", "clap", "diffusion"] = Field(..., description="which model this run trains")
+    data: DataSection
+    run: RunConfig = RunConfig()
+    scaling: ScalingSection = ScalingSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    ema: EmaSection = EmaSection()
+    model: ModelSection = ModelSection()
+    cfg_dropout: float = Field(0.1, ge=0, le=1, description="diffusion: prob. of dropping text+timing")
+    demo_prompts: list[str] = Field(default_factory=lambda: ["solo piano in C major"], description="demo prompts")
+    demo_seconds: list[float] = Field(default_factory=lambda: [4.0, 8.0], description="demo lengths (s)")
+
+
+class AugmentSection(Section):
+    copies: int = Field(0, ge=0, description="augmented variants added per input")
+    chain: list[dict[str, Any]] = Field(default_factory=list, description="audiomentations transforms with args")
+    seed: int = Field(0, description="augmentation seed; reruns produce the same variants")
+
+
+class PreprocessConfig(Section):
+    max_seconds: float = Field(95.0, gt=0, description="segment length; longer files are split")
+    samples_per_shard: int = Field(256, ge=1, description="target samples per tar shard")
+    split: str = Field("train", pattern=r"^[a-z0-9]+$", description="split name in shard file names")
+    batch_size: int = Field(4, ge=1, description="segments per VAE batch")
+    num_encoders: int = Field(1, ge=1, description="VAE actors in the Ray pool")
+    cpus_per_encoder: float = Field(0.5, gt=0, description="CPUs per VAE actor (fractional on CPU)")
+    use_gpu: bool = Field(False, description="one GPU per VAE actor")
+    chunk_seconds: float = Field(30.0, gt=0, description="chunked VAE encode window for long segments")
+    augment: AugmentSection = AugmentSection()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["run.max_steps=5", "data.shards=s3://b/x"]`` → nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{item or '<empty>'}: override must look like section.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``patch`` merged in recursively (``patch`` wins)."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _first_error_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required key is missing"
+    more = len(err.errors()) - 1
+    return f"{key}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Load ``path`` (YAML) into ``schema`` with dotted overrides; raise :class:`ConfigError` on any problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = deep_merge(raw, parse_overrides(overrides))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_first_error_line(err)) from None
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Stable short hash of a resolved config (sorted JSON), for tags and cache keys."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(cfg: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"run": {"name": "x"}}`` → ``{"run.name": "x"}``: the form MLflow params take."""
+    tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,113 @@
+"""Convolutional building blocks of the Stable Audio autoencoder (paper §3.1, after DAC and Oobleck).
+
+Everything here works on (B, C, T) tensors and keeps T unchanged, except the strided down/up-sampling
+convolutions at the end (encoder) or start (decoder) of a block, which divide or multiply T by the stride.
+
+    EncoderBlock(c_in → c_out, stride s):   (B, c_in, T) → (B, c_out, T / s)
+        ResidualUnit(dil 1) → ResidualUnit(dil 3) → ResidualUnit(dil 9) → SnakeBeta → Conv(k=2s, stride s)
+
+    DecoderBlock(c_in → c_out, stride s):   (B, c_in, T) → (B, c_out, T · s)
+        SnakeBeta → ConvTranspose(k=2s, stride s) → ResidualUnit(dil 1) → ResidualUnit(dil 3) → ResidualUnit(dil 9)
+
+Weight normalisation (Salimans & Kingma 2016) is optional. When on, it uses
+``torch.nn.utils.parametrizations.weight_norm``, so a conv's state-dict keys are
+``<name>.parametrizations.weight.original0`` (g, the per-output-channel norm) and ``...original1`` (v, the
+direction): the same two tensors that stable-audio-tools and diffusers store as ``weight_g`` / ``weight_v``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm as _weight_norm
+
+RESIDUAL_DILATIONS = (1, 3, 9)  # the paper's (and DAC's) dilation pattern inside every block
+RESIDUAL_KERNEL = 7  # taps of the dilated conv in a residual unit
+
+
+class SnakeBeta(nn.Module):
+    """Snake activation with separate frequency (alpha) and magnitude (beta) per channel.
+
+    ``y = x + 1 / (exp(beta) + 1e-9) · sin(exp(alpha) · x)²``, parameters stored on a log scale (both start at 0,
+    i.e. alpha = beta = 1) so their learning rate is relative. Shapes: parameters (C,), input/output (B, C, T).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.exp()[None, :, None]  # (1, C, 1)
+        # 1e-9 keeps the division finite if beta ever underflows; matches the reference checkpoints' numerics.
+        inv_beta = (self.beta.exp()[None, :, None] + 1e-9).reciprocal()
+        if torch.is_grad_enabled():
+            return torch.addcmul(x, torch.sin(alpha * x).square(), inv_beta)
+        # Inference: one buffer, updated in place; Snake at audio rate is as costly as the convolutions.
+        return torch.addcmul(x, (alpha * x).sin_().square_(), inv_beta)
+
+
+def conv1d(
+    c_in: int, c_out: int, kernel: int, *, stride: int = 1, dilation: int = 1, bias: bool = True, weight_norm: bool
+) -> nn.Module:
+    """A 1-D conv, weight-normalised if asked. Padding keeps T unchanged for stride 1 (odd kernels) and makes the
+    strided (k = 2s) conv map T → T / s for even s."""
+    if stride == 1:
+        padding = dilation * (kernel - 1) // 2
+    else:
+        padding = math.ceil(stride / 2)
+    layer = nn.Conv1d(c_in, c_out, kernel, stride=stride, dilation=dilation, padding=padding, bias=bias)
+    return _weight_norm(layer) if weight_norm else layer
+
+
+def conv_transpose1d(c_in: int, c_out: int, stride: int, *, weight_norm: bool) -> nn.Module:
+    """Up-sampling conv, kernel 2s and padding ceil(s/2): maps T → T · s for even s."""
+    layer = nn.ConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2))
+    return _weight_norm(layer) if weight_norm else layer
+
+
+class ResidualUnit(nn.Module):
+    """x + Conv1x1(Snake(Conv7_dilated(Snake(x)))); (B, C, T) → (B, C, T)."""
+
+    def __init__(self, channels: int, dilation: int, *, weight_norm: bool):
+        super().__init__()
+        self.act1 = SnakeBeta(channels)
+        self.conv1 = conv1d(channels, channels, RESIDUAL_KERNEL, dilation=dilation, weight_norm=weight_norm)
+        self.act2 = SnakeBeta(channels)
+        self.conv2 = conv1d(channels, channels, 1, weight_norm=weight_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Three residual units at the input width, then a strided conv: (B, c_in, T) → (B, c_out, T / stride)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, *, weight_norm: bool):
+        super().__init__()
+        self.units = nn.ModuleList(ResidualUnit(c_in, d, weight_norm=weight_norm) for d in RESIDUAL_DILATIONS)
+        self.act = SnakeBeta(c_in)
+        self.down = conv1d(c_in, c_out, 2 * stride, stride=stride, weight_norm=weight_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit(x)
+        return self.down(self.act(x))
+
+
+class DecoderBlock(nn.Module):
+    """A transposed conv, then three residual units at the output width: (B, c_in, T) → (B, c_out, T · stride)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, *, weight_norm: bool):
+        super().__init__()
+        self.act = SnakeBeta(c_in)
+        self.up = conv_transpose1d(c_in, c_out, stride, weight_norm=weight_norm)
+        self.units = nn.ModuleList(ResidualUnit(c_out, d, weight_norm=weight_norm) for d in RESIDUAL_DILATIONS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(self.act(x))
+        for unit in self.units:
+            x = unit(x)
+        return x

@@ -1,0 +1,357 @@
+"""One storage interface over local paths and ``s3://bucket/key`` URIs.
+
+Every stage reads and writes through these functions, so the same command works on a laptop directory, the
+local SeaweedFS stack and AWS S3. S3 settings come only from the standard variables boto3 reads itself
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, AWS config files).
+
+Guarantees:
+- writes are atomic: a reader sees the old object or the whole new one, never a prefix (temp file + rename
+  locally; a single PUT, or a multipart upload that only becomes visible when completed, on S3);
+- transient failures (throttling, 5xx, refused or dropped connections, e.g. a server restart) are retried
+  with exponential backoff for up to ``RETRY_SECONDS``; auth failures raise :class:`StorageAuthError` at once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TypeVar
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 90.0  # long enough to ride out a restart of the S3 server
+MULTIPART_THRESHOLD = 16 * 1024 * 1024  # bytes; larger uploads go multipart
+MULTIPART_CHUNK = 8 * 1024 * 1024
+
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+}
+_AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken", "InvalidToken"}
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good (after retries, or for a non-transient reason)."""
+
+
+class StorageAuthError(StorageError):
+    """The object store rejected our credentials; the message names the variables to check, never a secret."""
+
+
+# ----------------------------------------------------------------------------------------------- URIs
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+# ----------------------------------------------------------------------------------------------- S3 client
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _env_key() -> tuple:
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+    return (os.getpid(), *(os.environ.get(n) for n in names))
+
+
+def s3_client():
+    """A boto3 S3 client for the current environment (cached per process and per credential set)."""
+    key = _env_key()
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # botocore's own retries are kept short: our wrapper owns the long backoff so that a
+            # restart of the server is survived by every operation the same way.
+            cfg = Config(
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+                signature_version="s3v4",
+            )
+            client = boto3.session.Session().client("s3", config=cfg)
+            _clients[key] = client
+    return client
+
+
+def _classify(exc: BaseException) -> str:
+    """'auth', 'missing', 'transient' or 'fatal'."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return "auth"
+    if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError | BotoConnectionError):
+        return "transient"
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _AUTH_CODES or status == 403:
+            return "auth"
+        if code in {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}:
+            return "missing"
+        if code in _TRANSIENT_CODES or status >= 500:
+            return "transient"
+        return "fatal"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return "transient"
+    return "fatal"
+
+
+def _retry(what: str, fn: Callable[[], T], deadline_s: float = RETRY_SECONDS) -> T:
+    """Run ``fn`` retrying transient S3 failures with exponential backoff and jitter until ``deadline_s``."""
+    start, attempt = time.monotonic(), 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            kind = _classify(exc)
+            if kind == "missing":
+                raise FileNotFoundError(what) from exc
+            if kind == "auth":
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+                raise StorageAuthError(
+                    f"{what}: the object store rejected the credentials ({code}); "
+                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL"
+                ) from None
+            elapsed = time.monotonic() - start
+            if kind != "transient" or elapsed > deadline_s:
+                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            attempt += 1
+            pause = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
+            log.warning("%s: transient %s, retry %d in %.1fs", what, type(exc).__name__, attempt, pause)
+            time.sleep(pause)
+
+
+# ----------------------------------------------------------------------------------------------- operations
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole object/file. Raises FileNotFoundError if it does not exist."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    bucket, key = split_s3(uri)
+    return _retry(f"read {uri}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def open_read(uri: str | os.PathLike) -> IO[bytes]:
+    """A streaming binary reader (S3: the response body, read as it arrives)."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return open(uri, "rb")  # noqa: SIM115 - the caller owns the handle
+    bucket, key = split_s3(uri)
+    return _retry(f"open {uri}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"])
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write atomically (see module docstring)."""
+    _write(str(uri), lambda: io.BytesIO(data))
+
+
+def write_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
+    """Upload/copy a local file to ``uri`` atomically."""
+    _write(str(uri), lambda: open(local_path, "rb"))  # noqa: SIM115 - closed by _write
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def _write(uri: str, opener: Callable[[], IO[bytes]]) -> None:
+    """Write what ``opener()`` yields atomically; large S3 objects go multipart (visible only once complete).
+
+    ``opener`` is called once per attempt: boto3 closes the stream when an upload fails, so a retry needs a new one.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, opener() as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = split_s3(uri)
+    transfer = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK, use_threads=False
+    )
+
+    def upload() -> None:
+        with opener() as src:  # an incomplete multipart upload is aborted by boto3 before it raises
+            s3_client().upload_fileobj(src, bucket, key, Config=transfer)
+
+    _retry(f"write {uri}", upload)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    uri = str(uri)
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(uri)
+    try:
+        _retry(f"stat {uri}", lambda: s3_client().head_object(Bucket=bucket, Key=key))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def size(uri: str | os.PathLike) -> int:
+    uri = str(uri)
+    if not is_s3(uri):
+        return Path(uri).stat().st_size
+    bucket, key = split_s3(uri)
+    return int(_retry(f"stat {uri}", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
+
+
+def list_uris(prefix: str | os.PathLike, recursive: bool = True) -> Iterator[str]:
+    """Every object/file under ``prefix`` (a directory or key prefix), sorted, following S3 pagination."""
+    prefix = str(prefix)
+    if not is_s3(prefix):
+        root = Path(prefix)
+        if not root.exists():
+            return
+        pattern = "**/*" if recursive else "*"
+        for path in sorted(root.glob(pattern)):
+            if path.is_file() and not path.name.startswith("."):
+                yield str(path)
+        return
+    bucket, key_prefix = split_s3(prefix)
+    if key_prefix and not key_prefix.endswith("/"):
+        key_prefix += "/"
+    token: str | None = None
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": key_prefix}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = _retry(f"list {prefix}", lambda kw=kwargs: s3_client().list_objects_v2(**kw))
+        for obj in page.get("Contents", []):
+            yield f"s3://{bucket}/{obj['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        token = page["NextContinuationToken"]
+
+
+def delete(uri: str | os.PathLike) -> None:
+    """Remove one object/file; missing is fine."""
+    uri = str(uri)
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    _retry(f"delete {uri}", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+
+
+def delete_prefix(prefix: str | os.PathLike) -> int:
+    """Remove everything under ``prefix``; returns how many objects/files went."""
+    prefix = str(prefix)
+    if not is_s3(prefix):
+        count = sum(1 for _ in list_uris(prefix))
+        shutil.rmtree(prefix, ignore_errors=True)
+        return count
+    bucket, _ = split_s3(prefix)
+    keys = [split_s3(u)[1] for u in list_uris(prefix)]
+    for i in range(0, len(keys), 1000):
+        batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+        _retry(f"delete {prefix}", lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
+    return len(keys)
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an s3:// URI if it does not exist (for local stacks and tests)."""
+    bucket, _ = split_s3(uri)
+    client = s3_client()
+    try:
+        _retry(f"head bucket {bucket}", lambda: client.head_bucket(Bucket=bucket))
+    except FileNotFoundError:
+        _retry(f"create bucket {bucket}", lambda: client.create_bucket(Bucket=bucket))
+
+
+# ----------------------------------------------------------------------------------------------- WebDataset
+class _S3WriteBuffer(io.BytesIO):
+    """What ``gopen("s3://...", "wb")`` returns: buffers in memory, uploads atomically on close."""
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri = uri
+
+    def close(self) -> None:
+        if not self.closed:
+            write_bytes(self.uri, self.getvalue())
+        super().close()
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
+    if mode == "rb":
+        return open_read(url)
+    if mode == "wb":
+        return _S3WriteBuffer(url)
+    raise ValueError(f"gopen s3: unsupported mode {mode}")
+
+
+def register_webdataset() -> None:
+    """Teach ``webdataset.gopen`` the ``s3://`` scheme so ``wds.WebDataset("s3://...")`` streams shards.
+
+    Call it in every process that opens shards (Ray workers and DataLoader workers inherit nothing).
+    """
+    import sys
+
+    import webdataset  # noqa: F401 - importing it makes the gopen module available
+
+    sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3

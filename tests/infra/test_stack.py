@@ -1,0 +1,105 @@
+"""The local stack: loopback-only ports, idempotent `up`, `down` that leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from infra import stack
+
+pytestmark = pytest.mark.stack
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
+    out = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            out.append((conn.pid, conn.laddr.ip, conn.laddr.port))
+    return out
+
+
+def test_every_port_of_the_stack_is_loopback_only(local_stack):
+    listening = _listening(stack.listening_pids(local_stack.state_dir))
+    ports = {port for _, _, port in listening}
+    state = local_stack.state
+    for name in ("s3", "mlflow", "ray_gcs", "ray_dashboard"):
+        assert state.ports[name] in ports, f"{name} is not listening"
+    assert len(listening) >= 8  # S3 + its internal servers, MLflow, GCS, raylet, dashboard, agents
+    exposed = [(pid, ip, port) for pid, ip, port in listening if ip not in LOOPBACK]
+    assert exposed == []
+
+
+def test_up_is_idempotent_and_secrets_stay_private(local_stack):
+    before = dict(local_stack.state.pgids)
+    env = stack.up(local_stack.state_dir)
+    assert env == local_stack.env
+    assert local_stack.state.pgids == before  # nothing restarted
+    assert set(env) == {
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "RAY_ADDRESS",
+    }
+    for name in ("credentials.json", "credentials.env", "s3.json"):
+        mode = stat.S_IMODE((local_stack.state_dir / name).stat().st_mode)
+        assert mode == 0o600, name
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    for log in (local_stack.state_dir / "logs").iterdir():
+        assert secret not in log.read_text(errors="replace"), f"secret leaked into {log.name}"
+    assert secret not in (local_stack.state_dir / "stack.json").read_text()
+
+
+def test_status_command_reports_healthy(local_stack):
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "stack", "status", "--state-dir", str(local_stack.state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("healthy") == 3
+
+
+def test_ray_job_runs_on_the_stack(local_stack):
+    from pipeline import cluster
+
+    client = cluster.job_client()
+    job = client.submit_job(
+        entrypoint="python -c \"import ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU'])\""
+    )
+    import time
+
+    deadline = time.monotonic() + 120
+    while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert str(client.get_job_status(job)) == "SUCCEEDED"
+    assert "CPUS 2.0" in client.get_job_logs(job)
+
+
+def test_down_leaves_no_process_and_no_port(tmp_path):
+    """A second, throwaway stack: up, check it serves, down, check nothing of it remains."""
+    state_dir = tmp_path / "stack2"
+    env = stack.up(state_dir, num_cpus=1)
+    state = stack.StackState.load(state_dir)
+    pids = stack.listening_pids(state_dir)
+    ports = set(state.ports.values())
+    assert pids and all(stack.health(state_dir).values())
+    assert env["AWS_ENDPOINT_URL"].endswith(str(state.ports["s3"]))
+
+    assert sorted(stack.down(state_dir)) == ["mlflow", "ray", "s3"]
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    still_listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port in ports]
+    assert still_listening == []
+    assert not os.path.exists(state.ray_temp_dir)
+    assert stack.StackState.load(state_dir).pgids == {}

@@ -1,0 +1,163 @@
+"""The autoencoder: paper-sized parameter counts (meta device), framing, the VAE bottleneck, chunked long-audio
+encode/decode against a full pass, and our save/load round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.models.autoencoder import (
+    AUTOENCODER_PRESETS,
+    Autoencoder,
+    AutoencoderConfig,
+    build_autoencoder,
+    count_parameters,
+    vae_bottleneck,
+)
+
+SR = 44100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These small convolutions are memory-bound: on the shared 2-core test machine a second intra-op thread
+    mostly spins against other suites (measured ~2x slower wall time under load), so use one and restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Autoencoder:
+    torch.manual_seed(0)
+    model = build_autoencoder("tiny").eval()
+    # Non-zero Snake parameters, so a mapping or reshaping mistake would show in the outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".alpha", ".beta")):
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _music(seconds: float, seed: int = 0) -> torch.Tensor:
+    """(1, 2, N) stereo test signal: two detuned tones plus a little noise, peak ~0.5."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(round(seconds * SR)) / SR
+    left = 0.3 * torch.sin(2 * math.pi * 220.0 * t) + 0.2 * torch.sin(2 * math.pi * 331.0 * t)
+    right = 0.3 * torch.sin(2 * math.pi * 221.5 * t)
+    audio = torch.stack([left, right])[None] + 0.05 * torch.randn(1, 2, t.numel(), generator=g)
+    return audio.float()
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("sa1", 133.4e6), ("sa-open", 156.1e6)])
+def test_paper_parameter_counts_within_2_percent(preset: str, expected: float) -> None:
+    model = build_autoencoder(preset, device="meta")
+    n = count_parameters(model)
+    assert abs(n - expected) / expected < 0.02, f"{preset}: {n / 1e6:.2f}M parameters, expected ~{expected / 1e6}M"
+
+
+def test_preset_framing() -> None:
+    assert build_autoencoder("sa1", device="meta").downsampling == 1024
+    sa_open = build_autoencoder("sa-open", device="meta")
+    assert (sa_open.downsampling, sa_open.latent_channels, sa_open.latent_rate) == (2048, 64, SR / 2048)
+    tiny = build_autoencoder("tiny", device="meta")
+    assert (tiny.downsampling, tiny.latent_channels, tiny.sample_rate) == (1024, 16, SR)
+
+
+def test_tiny_encode_decode_shapes_and_kl(tiny: Autoencoder) -> None:
+    audio = _music(2.0)[..., : 2 * SR + 123]  # not a multiple of 1024
+    n = audio.shape[-1]
+    with torch.no_grad():
+        latents = tiny.encode(audio)
+        sampled, kl = tiny.encode_with_kl(audio, generator=torch.Generator().manual_seed(1))
+        decoded = tiny.decode(latents)
+        reconstruction, kl_fwd = tiny(audio)
+    assert latents.shape == (1, 16, math.ceil(n / 1024))
+    assert sampled.shape == latents.shape and not torch.equal(sampled, latents)
+    assert decoded.shape == (1, 2, latents.shape[-1] * 1024)
+    assert reconstruction.shape == audio.shape
+    assert kl.ndim == 0 and torch.isfinite(kl) and kl > 0 and torch.isfinite(kl_fwd)
+    assert torch.isfinite(decoded).all()
+
+
+def test_vae_bottleneck_maths() -> None:
+    # mean 0 and std ≈ 1 (softplus(s) + 1e-4 = 1 at s = log(e - 1)) is the prior: KL ≈ 0.
+    scale = torch.full((2, 3, 5), math.log(math.e - 1) - 1e-4)
+    latents, kl = vae_bottleneck(torch.cat([torch.zeros(2, 3, 5), scale], dim=1), sample=False)
+    assert torch.equal(latents, torch.zeros(2, 3, 5))
+    assert abs(kl.item()) < 1e-5
+    # a unit mean shift costs mean² = 1 per channel, summed over 3 channels
+    _, kl = vae_bottleneck(torch.cat([torch.ones(2, 3, 5), scale], dim=1), sample=False)
+    assert kl.item() == pytest.approx(3.0, abs=1e-4)
+
+
+def test_encode_rejects_wrong_layout(tiny: Autoencoder) -> None:
+    with pytest.raises(ValueError, match=r"\(B, 2, N\)"):
+        tiny.encode(torch.zeros(1, 1000))
+    with pytest.raises(ValueError, match="latents must be"):
+        tiny.decode(torch.zeros(1, 3, 10))
+
+
+def test_chunked_encode_of_three_minutes_matches_full_pass(tiny: Autoencoder) -> None:
+    audio = _music(180.0)[..., :-777]  # a ragged end exercises the right padding
+    with torch.no_grad():
+        full = tiny.encode(audio)
+    chunked = tiny.encode_chunked(audio, chunk_seconds=10.0)  # 20 windows, default context (16 frames a side)
+    assert chunked.shape == full.shape == (1, 16, math.ceil(audio.shape[-1] / 1024))
+    # Windows with a full receptive field of context differ from the full pass only by float rounding
+    # (convolutions of different lengths sum in different orders): tolerance 1e-5 of the latents' range.
+    error = (chunked - full).abs().max() / full.abs().max()
+    assert error < 1e-5, f"relative max abs difference {error:.2e}"
+
+
+def test_chunked_decode_matches_full_pass(tiny: Autoencoder) -> None:
+    latents = torch.randn(1, 16, 500, generator=torch.Generator().manual_seed(3))  # ~11.6 s
+    with torch.no_grad():
+        full = tiny.decode(latents)
+    chunked = tiny.decode_chunked(latents, chunk_seconds=3.0)  # 6 windows of <= 129 frames, 20 of context a side
+    assert chunked.shape == full.shape
+    error = (chunked - full).abs().max() / full.abs().max()
+    assert error < 1e-5, f"relative max abs difference {error:.2e}"
+
+
+def test_too_little_context_is_visible(tiny: Autoencoder) -> None:
+    """Guards the test above: without context the chunk seams do differ, so the comparison has teeth."""
+    audio = _music(10.0)
+    with torch.no_grad():
+        full = tiny.encode(audio)
+    seams = tiny.encode_chunked(audio, chunk_seconds=2.0, overlap_seconds=0.0)
+    assert (seams - full).abs().max() / full.abs().max() > 1e-3
+
+
+def test_save_and_load_round_trip(tiny: Autoencoder, tmp_path) -> None:
+    tiny.save_pretrained(tmp_path / "vae")
+    loaded = Autoencoder.from_pretrained(tmp_path / "vae")
+    assert loaded.cfg == tiny.cfg
+    audio = _music(1.0)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(audio), tiny.encode(audio))
+        latents = tiny.encode(audio)
+        assert torch.equal(loaded.decode(latents), tiny.decode(latents))
+
+
+def test_config_validation_and_json_round_trip() -> None:
+    cfg = AUTOENCODER_PRESETS["sa1"]
+    assert AutoencoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="autoencoder.strides"):
+        AutoencoderConfig(strides=(3, 4), encoder_multipliers=(1, 2), decoder_multipliers=(1, 2))
+    with pytest.raises(ValueError, match="autoencoder.encoder_multipliers"):
+        AutoencoderConfig(strides=(2, 4))
+    with pytest.raises(ValueError, match="autoencoder.bogus"):
+        AutoencoderConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="model.preset"):
+        build_autoencoder("huge", device="meta")
+
+
+def test_weight_norm_off_builds_plain_convs() -> None:
+    cfg = AutoencoderConfig(**{**AUTOENCODER_PRESETS["tiny"].to_dict(), "weight_norm": False})
+    model = Autoencoder(cfg)
+    assert not any("parametrizations" in k for k in model.state_dict())
+    assert model.encode(torch.zeros(1, 2, 2048)).shape == (1, 16, 2)

@@ -1,0 +1,67 @@
+"""Typed configs: YAML + dotted overrides, unknown keys and bad values are one-line errors, exit 2 in the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, PreprocessConfig, TrainConfig, flatten, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")))
+def test_every_shipped_config_loads(path):
+    schema = PreprocessConfig if path.stem == "preprocess" else TrainConfig
+    cfg = load_config(schema, path)
+    if schema is TrainConfig:
+        assert cfg.kind == path.stem
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["a.b=3", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 3, "c": "x"}, "d": [1, 2]}
+    cfg = load_config(TrainConfig, REPO / "configs/tiny/clap.yaml", ["run.max_steps=7", "deepspeed.zero_stage=2"])
+    assert cfg.run.max_steps == 7 and cfg.deepspeed.zero_stage == 2
+    assert flatten(cfg)["run.max_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("deepspeed.zero_stgae=2", "deepspeed.zero_stgae: unknown key"),
+        ("run.max_steps=0", "run.max_steps: Input should be greater than or equal to 1"),
+        ("model.preset=huge", "model.preset: Input should be"),
+        ("nonsense", "nonsense: override must look like section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, REPO / "configs/tiny/clap.yaml", [override])
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_misspelled_key_in_a_file_exits_2_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "configs/tiny/clap.yaml").read_text().replace("max_steps:", "max_stepz:"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "validate", "train", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["longplay: error: run.max_stepz: unknown key"]
+
+
+def test_unbuilt_command_exits_2():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "generate", "m", "p", "--seconds", "1", "-o", "x.wav"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "not built yet" in out.stderr

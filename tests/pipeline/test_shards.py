@@ -1,0 +1,107 @@
+"""The shard format: deterministic tars, markers, index, verification that catches corruption."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline import shards, storage
+
+
+def _sample(i: int, channels: int = 4) -> shards.Sample:
+    meta = {
+        "caption": f"piece {i}",
+        "seconds_total": 3,
+        "offset_seconds": 0.0,
+        "source_uri": f"/data/{i}.wav",
+        "source_sha256": "0" * 64,
+        "augmentation": None,
+        "sample_rate": 44100,
+        "latent_rate": 44100 / 1024,
+        "vae_id": "preset:tiny",
+        "meta": {"composer": "bach"},
+    }
+    latents = np.random.default_rng(i).standard_normal((channels, 10 + i)).astype(np.float16)
+    return shards.Sample(key=f"s{i:04d}", meta=meta, latents=latents)
+
+
+def _write_out(out: str) -> list[shards.ShardStats]:
+    stats = [
+        shards.write_shard(out, shards.shard_name("train", n), [_sample(n * 3 + j) for j in range(3)]) for n in (0, 1)
+    ]
+    shards.write_index(
+        out,
+        vae_id="preset:tiny",
+        vae_config_hash="abc",
+        latent_channels=4,
+        latent_rate=44100 / 1024,
+        shards=stats,
+        errors=[{"source_uri": "/data/bad.wav", "reason": "decode: not audio"}],
+    )
+    return stats
+
+
+def test_tars_are_deterministic_and_round_trip():
+    samples = [_sample(i) for i in range(3)]
+    assert shards.build_tar(samples) == shards.build_tar(samples)
+    back = list(shards.iter_tar(shards.build_tar(samples)))
+    assert [s.key for s in back] == [s.key for s in samples]
+    for a, b in zip(samples, back, strict=True):
+        assert b.latents.dtype == np.float16
+        np.testing.assert_array_equal(a.latents, b.latents)
+        assert a.meta == b.meta
+
+
+def test_index_verify_inspect(tmp_path):
+    out = str(tmp_path / "out")
+    stats = _write_out(out)
+    assert all(shards.is_done(out, s.name) for s in stats)
+    summary = shards.inspect(out)
+    assert summary["shards"] == 2 and summary["samples"] == 6
+    assert summary["errors"] == {"count": 1, "by_reason": {"decode": 1}}
+    assert shards.read_errors(out) == [{"source_uri": "/data/bad.wav", "reason": "decode: not audio"}]
+    report = shards.verify(out)
+    assert report.ok and report.samples == 6
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shards", "verify", out], capture_output=True, text=True
+    )
+    assert cli.returncode == 0 and json.loads(cli.stdout) == {"ok": True, "shards": 2, "samples": 6}
+
+
+def test_verify_catches_a_flipped_byte(tmp_path):
+    out = str(tmp_path / "out")
+    stats = _write_out(out)
+    path = shards.tar_uri(out, stats[1].name)
+    data = bytearray(storage.read_bytes(path))
+    data[700] ^= 0xFF
+    storage.write_bytes(path, bytes(data))
+    report = shards.verify(out)
+    assert not report.ok and any(stats[1].name in p for p in report.problems)
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shards", "verify", out], capture_output=True, text=True
+    )
+    assert cli.returncode == 1
+
+
+@pytest.mark.parametrize("name", ["../evil.json", "a/b.json", "k.exe", "bad key.json"])
+def test_member_names_are_validated_when_read(name):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(shards.ShardFormatError):
+        list(shards.iter_tar(buf.getvalue()))
+
+
+def test_keys_are_validated_when_written():
+    bad = _sample(0)
+    bad.key = "has space"
+    with pytest.raises(shards.ShardFormatError):
+        shards.build_tar([bad])
