@@ -50,3 +50,35 @@ def stack_status(args: argparse.Namespace) -> int:
     for name, ok in health.items():
         print(f"{name:8s} {'healthy' if ok else 'DOWN':8s} {urls[name]}")
     return 0 if all(health.values()) else 1
+
+
+def submit(args: argparse.Namespace) -> int:
+    import os
+
+    from infra import submit as submit_mod
+
+    try:
+        job_id, status = submit_mod.submit(list(args.argv), dict(os.environ), wait=not args.no_wait)
+    except ValueError as err:
+        from pipeline.cli import UsageError
+
+        raise UsageError(str(err)) from None
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_wait or status == "SUCCEEDED") else 1
+
+
+def jobs(args: argparse.Namespace) -> int:
+    from infra import submit as submit_mod
+    from pipeline import cluster
+
+    client = cluster.job_client()
+    if args.action == "status":
+        print(client.get_job_status(args.job_id))
+    elif args.action == "logs":
+        if args.follow:
+            status = submit_mod.follow(client, args.job_id)
+            return 0 if status == "SUCCEEDED" else 1
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    else:
+        print("stopped" if client.stop_job(args.job_id) else "not running")
+    return 0

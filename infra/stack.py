@@ -348,11 +348,17 @@ def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None
     _wait("Ray head", lambda: _http_ok(url, _ray_auth_header()), 180, state.pgids["ray"], log)
 
 
-def _allocate_ports(state: StackState, restart: set[str]) -> None:
-    """Give every service in ``restart`` its ports (preferred ones when free); keep the healthy ones' ports."""
-    # A restarted service keeps its old ports when they are free, so exported endpoints stay valid.
+def _allocate_ports(state: StackState, restart: set[str], fresh: bool = False) -> None:
+    """Give every service in ``restart`` its ports (preferred ones when free); keep the healthy ones' ports.
+
+    A restarted service keeps its old ports when they are free, so exported endpoints stay valid; ``fresh``
+    picks new ones instead (after a start lost a race for a port with another process).
+    """
     previous = {n: p for n, p in state.ports.items() if n.split("_")[0] in restart}
     taken = {port for name, port in state.ports.items() if name not in previous}
+    if fresh:
+        taken |= set(previous.values())
+        previous = {}
     names = [n for n in PREFERRED if n.split("_")[0] in restart]
     if "s3" in restart:
         names += [f"s3_{flag}" for flag in WEED_PORTS]
@@ -373,12 +379,25 @@ def up(state_dir: Path, num_cpus: int | None = None) -> dict[str, str]:
     _allocate_ports(state, restart)
     state.save(state_dir)
     access, secret = _credentials(state_dir)
-    if "s3" in restart:
-        _start_s3(state_dir, state, access, secret)
-    if "mlflow" in restart:
-        _start_mlflow(state_dir, state)
-    if "ray" in restart:
-        _start_ray(state_dir, state, num_cpus)
+    starters = {
+        "s3": lambda: _start_s3(state_dir, state, access, secret),
+        "mlflow": lambda: _start_mlflow(state_dir, state),
+        "ray": lambda: _start_ray(state_dir, state, num_cpus),
+    }
+    for name in SERVICES:
+        if name not in restart:
+            continue
+        for attempt in range(3):
+            try:
+                starters[name]()
+                break
+            except StackError:
+                # Free ports are picked before the service binds them: another process may win the race.
+                _stop_group(state.pgids.pop(name, None))
+                if attempt == 2:
+                    raise
+                _allocate_ports(state, {name}, fresh=True)
+                state.save(state_dir)
     state.save(state_dir)
     env = stack_env(state_dir)
     _write_private(state_dir / "credentials.env", export_block(env) + "\n")

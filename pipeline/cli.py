@@ -82,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["vae", "clap", "diffusion"])
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p = command(sub, "submit", NOT_BUILT, "submit a longplay command as a Ray Job", issue="issue 7")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p = command(sub, "submit", "infra.cli:submit", "submit a longplay command as a Ray Job to RAY_ADDRESS")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting; see `longplay jobs`")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- longplay <command> ...")
+    p = command(sub, "jobs", "infra.cli:jobs", "status, logs or stop of a submitted job")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
 
     # generate / evaluate -----------------------------------------------------------------------------------
     p = command(sub, "generate", NOT_BUILT, "text + seconds → 44.1 kHz stereo wav", issue="issue 6")

@@ -9,6 +9,7 @@ sets before Ray reads them: single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLU
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,6 +31,9 @@ def prepare_client_env(address: str | None = None) -> None:
     address = address or ray_address()
     if address and is_loopback(address):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:  # Ray was imported already: its constant is read at call time, so set it too
+            constants.ENABLE_RAY_CLUSTER = False
     if (Path.home() / ".ray" / "auth_token").exists() or os.environ.get("RAY_AUTH_TOKEN"):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
