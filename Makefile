@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench clean stack-up stack-down
+.PHONY: install tools test lint format demo bench clean stack-up stack-down
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $@
 
+# The demo dataset renders MIDI with fluidsynth + a GM soundfont (Debian packages): installed when we can.
+tools:
+	@if command -v fluidsynth >/dev/null && test -f /usr/share/sounds/sf2/FluidR3_GM.sf2; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null; \
+	else echo "demo dataset needs: sudo apt-get install -y fluidsynth fluid-soundfont-gm"; fi
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -23,10 +30,10 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install lint
+test: install lint tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-demo: install
+demo: install tools
 	$(BIN)/longplay demo
 
 bench: install

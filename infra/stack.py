@@ -50,6 +50,16 @@ WEED_PORTS = (
     "admin.port",
     "admin.port.grpc",
 )
+# Ray's fixed-default ports (the dashboard agent's 52365 above all) would collide between two stacks on one
+# machine; each gets a free port, and the agent that serves job submission then always comes up.
+RAY_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+)
 SERVICES = ("s3", "mlflow", "ray")
 
 
@@ -126,6 +136,44 @@ def _group_alive(pgid: int) -> bool:
     except ChildProcessError:
         pass
     return bool(_group_members(pgid))
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on ``port`` (IPv4 or IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def _owns_port(pgid: int, port: int) -> bool:
+    """Whether a live process of group ``pgid`` holds the listening socket on ``port``.
+
+    Health checks use it so that another stack (or anything else) answering on a port we picked never passes
+    for our service.
+    """
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted:
+        return False
+    for pid in _group_members(pgid):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
@@ -217,20 +265,23 @@ def _tcp_open(state: StackState, name: str) -> bool:
 
 
 def health(state_dir: Path) -> dict[str, bool]:
-    """Service name → healthy (its process group alive and its endpoint answering)."""
+    """Service name → healthy: its process group owns its port and its endpoint answers."""
     state = StackState.load(state_dir)
-    out = {}
-    for name in SERVICES:
-        pgid = state.pgids.get(name)
-        alive = pgid is not None and _group_alive(pgid)
-        if name == "s3":
-            ok = alive and _tcp_open(state, "s3")
-        elif name == "mlflow":
-            ok = alive and _http_ok(f"http://{HOST}:{state.ports['mlflow']}/health")
-        else:
-            ok = alive and _http_ok(f"http://{HOST}:{state.ports['ray_dashboard']}/api/version", _ray_auth_header())
-        out[name] = ok
-    return out
+    return {name: _healthy(state, name) for name in SERVICES}
+
+
+def _healthy(state: StackState, name: str) -> bool:
+    pgid = state.pgids.get(name)
+    port_name = {"s3": "s3", "mlflow": "mlflow", "ray": "ray_dashboard"}[name]
+    if pgid is None or port_name not in state.ports or not _owns_port(pgid, state.ports[port_name]):
+        return False
+    if name == "s3":
+        return _tcp_open(state, "s3")
+    if name == "mlflow":
+        return _http_ok(f"http://{HOST}:{state.ports['mlflow']}/health")
+    return _owns_port(pgid, state.ports["ray_gcs"]) and _http_ok(
+        f"http://{HOST}:{state.ports['ray_dashboard']}/api/version", _ray_auth_header()
+    )
 
 
 def _ray_auth_header() -> dict[str, str]:
@@ -273,7 +324,9 @@ def _start_s3(state_dir: Path, state: StackState, access: str, secret: str) -> N
     probe = [sys.executable, "-c", f"from pipeline import storage; storage.ensure_bucket('s3://{BUCKET}/')"]
     _wait(
         "SeaweedFS S3",
-        lambda: subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0,  # noqa: S603
+        lambda: (
+            _healthy(state, "s3") and subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+        ),  # noqa: S603
         120,
         state.pgids["s3"],
         log,
@@ -300,7 +353,7 @@ def _start_mlflow(state_dir: Path, state: StackState) -> None:
     log = state_dir / "logs" / "mlflow.log"
     state.pgids["mlflow"] = _spawn(cmd, log, env)
     state.save(state_dir)
-    _wait("MLflow", lambda: _http_ok(f"http://{HOST}:{state.ports['mlflow']}/health"), 180, state.pgids["mlflow"], log)
+    _wait("MLflow", lambda: _healthy(state, "mlflow"), 180, state.pgids["mlflow"], log)
 
 
 def _ensure_ray_token() -> None:
@@ -340,15 +393,15 @@ def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None
         f"--num-cpus={num_cpus or os.cpu_count() or 2}",
         "--include-dashboard=true",
         "--disable-usage-stats",
+        *(f"--{flag}={state.ports['ray_' + flag]}" for flag in RAY_PORTS),
     ]
     log = state_dir / "logs" / "ray.log"
     state.pgids["ray"] = _spawn(cmd, log, env)
     state.save(state_dir)
-    url = f"http://{HOST}:{state.ports['ray_dashboard']}/api/version"
-    _wait("Ray head", lambda: _http_ok(url, _ray_auth_header()), 180, state.pgids["ray"], log)
+    _wait("Ray head", lambda: _healthy(state, "ray"), 180, state.pgids["ray"], log)
 
 
-def _allocate_ports(state: StackState, restart: set[str], fresh: bool = False) -> None:
+def _allocate_ports(state: StackState, restart: set[str], fresh: bool = False, preferred: bool = True) -> None:
     """Give every service in ``restart`` its ports (preferred ones when free); keep the healthy ones' ports.
 
     A restarted service keeps its old ports when they are free, so exported endpoints stay valid; ``fresh``
@@ -362,12 +415,18 @@ def _allocate_ports(state: StackState, restart: set[str], fresh: bool = False) -
     names = [n for n in PREFERRED if n.split("_")[0] in restart]
     if "s3" in restart:
         names += [f"s3_{flag}" for flag in WEED_PORTS]
+    if "ray" in restart:
+        names += [f"ray_{flag}" for flag in RAY_PORTS]
     for name in names:
-        state.ports[name] = _pick(previous.get(name) or PREFERRED.get(name) or free_port(taken), taken)
+        wish = previous.get(name) or (PREFERRED.get(name) if preferred else None) or free_port(taken)
+        state.ports[name] = _pick(wish, taken)
 
 
-def up(state_dir: Path, num_cpus: int | None = None) -> dict[str, str]:
-    """Start whatever is not healthy; return the standard environment for the stack."""
+def up(state_dir: Path, num_cpus: int | None = None, preferred_ports: bool = True) -> dict[str, str]:
+    """Start whatever is not healthy; return the standard environment for the stack.
+
+    ``preferred_ports=False`` (tests) takes free ports only, leaving 8333/5000/6379/8265 to a developer's stack.
+    """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
@@ -376,7 +435,7 @@ def up(state_dir: Path, num_cpus: int | None = None) -> dict[str, str]:
     restart = {name for name, ok in healthy.items() if not ok}
     for name in restart:
         _stop_group(state.pgids.pop(name, None))
-    _allocate_ports(state, restart)
+    _allocate_ports(state, restart, preferred=preferred_ports)
     state.save(state_dir)
     access, secret = _credentials(state_dir)
     starters = {
@@ -396,7 +455,7 @@ def up(state_dir: Path, num_cpus: int | None = None) -> dict[str, str]:
                 _stop_group(state.pgids.pop(name, None))
                 if attempt == 2:
                     raise
-                _allocate_ports(state, {name}, fresh=True)
+                _allocate_ports(state, {name}, fresh=True, preferred=preferred_ports)
                 state.save(state_dir)
     state.save(state_dir)
     env = stack_env(state_dir)

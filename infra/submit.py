@@ -45,7 +45,7 @@ def runtime_env(env: dict[str, str]) -> dict:
 def submit(argv: list[str], env: dict[str, str], wait: bool = True, timeout_s: float | None = None) -> tuple[str, str]:
     """Submit; with ``wait``, stream the job's logs until it ends. Returns (job id, final or current status)."""
     client = cluster.job_client()
-    job_id = client.submit_job(entrypoint=entrypoint(argv), runtime_env=runtime_env(env))
+    job_id = cluster.submit_job(client, entrypoint=entrypoint(argv), runtime_env=runtime_env(env))
     print(f"submitted job {job_id}", file=sys.stderr)
     if not wait:
         return job_id, str(client.get_job_status(job_id))

@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     # data ------------------------------------------------------------------------------------------------
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = command(data_sub, "demo", NOT_BUILT, "render the demo music dataset", issue="issue 6")
+    p = command(data_sub, "demo", "preprocess.demo_dataset:data_demo", "render the demo music dataset")
     p.add_argument("out")
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0, help="which pieces, instruments and tempi (deterministic)")
 
     # preprocess / shards ----------------------------------------------------------------------------------
-    p = command(sub, "preprocess", NOT_BUILT, "audio → latent shards (Ray job)", issue="issue 4")
+    p = command(sub, "preprocess", "preprocess.cli:preprocess", "audio → latent shards (Ray job)")
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--vae", required=True)
@@ -124,9 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides come anywhere (argparse stops taking positionals after options).
+
+    ``longplay preprocess SRC OUT --vae V a.b=1`` leaves ``a.b=1`` unparsed; it joins ``args.overrides``.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

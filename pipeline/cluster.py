@@ -35,7 +35,9 @@ def prepare_client_env(address: str | None = None) -> None:
         if constants is not None:  # Ray was imported already: its constant is read at call time, so set it too
             constants.ENABLE_RAY_CLUSTER = False
     if (Path.home() / ".ray" / "auth_token").exists() or os.environ.get("RAY_AUTH_TOKEN"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ.setdefault("RAY_AUTH_MODE", "token") == "token" and "ray._raylet" in sys.modules:
+            # Ray was imported already and cached its config without token mode: refresh it.
+            sys.modules["ray._raylet"].Config.initialize("")
 
 
 def connect(num_cpus: int | None = None) -> None:
@@ -61,3 +63,17 @@ def job_client():
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
+
+
+def submit_job(client, timeout_s: float = 120.0, **kwargs) -> str:
+    """``client.submit_job`` that waits out a head whose job agent is still starting ("No available agent")."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)

@@ -74,6 +74,19 @@ class ShardStats:
     bytes: int
     sha256: str
     seconds: float = 0.0
+    # inputs of this shard that were not encoded ({"source_uri", "reason"}); kept in the marker so a rerun that
+    # skips the shard still reports them in errors.jsonl
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def index_entry(self) -> dict[str, Any]:
+        """The shard's entry in index.json (the errors go to errors.jsonl instead)."""
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "seconds": self.seconds,
+        }
 
 
 @dataclass
@@ -140,8 +153,10 @@ def build_tar(samples: Iterable[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out: str, name: str, samples: list[Sample]) -> ShardStats:
-    """Upload the tar, then its stats marker: a crash in between leaves no marker, so the shard is redone."""
+def write_shard(out: str, name: str, samples: list[Sample], errors: list[dict[str, str]] | None = None) -> ShardStats:
+    """Upload the tar, then its stats marker: a crash in between leaves no marker, so the shard is redone.
+
+    ``errors`` (inputs of this shard that were not encoded) are recorded in the marker."""
     data = build_tar(samples)
     stats = ShardStats(
         name=name,
@@ -149,6 +164,7 @@ def write_shard(out: str, name: str, samples: list[Sample]) -> ShardStats:
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         seconds=round(sum(s.seconds for s in samples), 3),
+        errors=list(errors or []),
     )
     storage.write_bytes(tar_uri(out, name), data)
     storage.write_text(stats_uri(out, name), json.dumps(stats.__dict__, sort_keys=True))
@@ -207,21 +223,36 @@ def write_index(
     latent_rate: float,
     shards: list[ShardStats],
     errors: list[dict[str, str]],
+    only_if_changed: bool = False,
 ) -> dict[str, Any]:
-    """Write ``errors.jsonl`` then ``index.json`` (the index last: its presence means the job finished)."""
-    storage.write_text(storage.join(out, "errors.jsonl"), "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
+    """Write ``errors.jsonl`` then ``index.json`` (the index last: its presence means the job finished).
+
+    With ``only_if_changed`` a file whose stored bytes are already the new ones is not uploaded again (a rerun of a
+    finished job then writes nothing)."""
+    errors_text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors)
+    _write_text_if(storage.join(out, "errors.jsonl"), errors_text, only_if_changed)
     index = {
         "format_version": FORMAT_VERSION,
         "vae_id": vae_id,
         "vae_config_hash": vae_config_hash,
         "latent_channels": latent_channels,
         "latent_rate": latent_rate,
-        "shards": [s.__dict__ for s in sorted(shards, key=lambda s: s.name)],
+        "shards": [s.index_entry() for s in sorted(shards, key=lambda s: s.name)],
         "total_hours": round(sum(s.seconds for s in shards) / 3600.0, 6),
         "errors": {"count": len(errors), "by_reason": dict(Counter(e["reason"].split(":")[0] for e in errors))},
     }
-    storage.write_text(storage.join(out, "index.json"), json.dumps(index, indent=2, sort_keys=True))
+    _write_text_if(storage.join(out, "index.json"), json.dumps(index, indent=2, sort_keys=True), only_if_changed)
     return index
+
+
+def _write_text_if(uri: str, text: str, only_if_changed: bool) -> None:
+    if only_if_changed:
+        try:
+            if storage.read_text(uri) == text:
+                return
+        except FileNotFoundError:
+            pass
+    storage.write_text(uri, text)
 
 
 def read_index(out: str) -> dict[str, Any]:

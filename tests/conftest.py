@@ -45,7 +45,7 @@ def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
     state_dir = tmp_path_factory.mktemp("stack")
     saved = {k: os.environ.get(k) for k in STANDARD_VARS}
     try:
-        env = stack_mod.up(state_dir, num_cpus=2)
+        env = stack_mod.up(state_dir, num_cpus=2, preferred_ports=False)
         os.environ.update(env)
         yield LocalStack(state_dir, env)
     finally:
@@ -60,11 +60,11 @@ def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
 @pytest.fixture(scope="session")
 def ray_on_stack(local_stack) -> Iterator[None]:
     """The driver connected to the stack's Ray head (2 CPUs), shared by every test that needs Ray."""
-    import ray
-
     from pipeline import cluster
 
-    cluster.connect()
+    cluster.connect()  # sets Ray's client variables before Ray is imported
+    import ray
+
     try:
         yield
     finally:

@@ -74,12 +74,11 @@ def test_ray_job_runs_on_the_stack(local_stack):
     from pipeline import cluster
 
     client = cluster.job_client()
-    job = client.submit_job(
-        entrypoint="python -c \"import ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU'])\""
-    )
+    entry = "python -c \"import ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU'])\""
+    job = cluster.submit_job(client, entrypoint=entry)
     import time
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
         time.sleep(1)
     assert str(client.get_job_status(job)) == "SUCCEEDED"
@@ -89,14 +88,16 @@ def test_ray_job_runs_on_the_stack(local_stack):
 def test_down_leaves_no_process_and_no_port(tmp_path):
     """A second, throwaway stack: up, check it serves, down, check nothing of it remains."""
     state_dir = tmp_path / "stack2"
-    env = stack.up(state_dir, num_cpus=1)
-    state = stack.StackState.load(state_dir)
-    pids = stack.listening_pids(state_dir)
-    ports = set(state.ports.values())
-    assert pids and all(stack.health(state_dir).values())
-    assert env["AWS_ENDPOINT_URL"].endswith(str(state.ports["s3"]))
-
-    assert sorted(stack.down(state_dir)) == ["mlflow", "ray", "s3"]
+    try:
+        env = stack.up(state_dir, num_cpus=1, preferred_ports=False)
+        state = stack.StackState.load(state_dir)
+        pids = stack.listening_pids(state_dir)
+        ports = set(state.ports.values())
+        assert pids and all(stack.health(state_dir).values())
+        assert env["AWS_ENDPOINT_URL"].endswith(str(state.ports["s3"]))
+        assert sorted(stack.down(state_dir)) == ["mlflow", "ray", "s3"]
+    finally:
+        stack.down(state_dir)  # a failed assertion above must not leak a stack
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
     still_listening = [c for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port in ports]

@@ -1,0 +1,127 @@
+"""The VAE side of preprocessing: which autoencoder ``--vae`` names, and batched encoding of audio segments.
+
+``--vae`` is ``preset:NAME`` (an untrained preset with a seeded init, for tests and benchmarks), a local path or
+s3:// URI of an exported autoencoder, an MLflow model URI (``models:/name@alias``, ``runs:/...``), or ``none``
+(audio shards: each sample carries FLAC instead of latents). The driver resolves it once into a :class:`VaeSpec`
+(its id, config hash, channels and latent rate go into every sample and the index); every worker loads the same
+weights and checks their hash against the spec, so one job never mixes two encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import ConfigError
+
+SAMPLE_RATE = 44100
+PRESET_SEED = 0
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    uri: str
+    vae_id: str  # "preset:tiny@seed0", "sha256:<16 hex of the weights>" or "none"
+    config_hash: str
+    latent_channels: int  # for audio shards: 2 (the "latents" are the stereo waveform)
+    latent_rate: float  # frames per second; for audio shards 44100
+
+    @property
+    def audio_only(self) -> bool:
+        return self.vae_id == "none"
+
+
+def weights_hash(model) -> str:
+    """sha256 over the state dict (names and raw bytes, in name order): the id of a set of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _mlflow_local(uri: str) -> str:
+    """Download an MLflow model URI; the autoencoder is the folder itself or its ``autoencoder/`` subfolder."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    for candidate in (local, os.path.join(local, "autoencoder"), os.path.join(local, "artifacts", "autoencoder")):
+        if os.path.exists(os.path.join(candidate, "config.json")):
+            return candidate
+    return local
+
+
+def load_vae(uri: str, device: str = "cpu"):
+    """The autoencoder ``uri`` names, in eval mode on ``device`` (None for ``none``)."""
+    import torch
+
+    from pipeline.models.autoencoder import Autoencoder, build_autoencoder
+
+    if uri == "none":
+        return None
+    if uri.startswith("preset:"):
+        with torch.random.fork_rng(devices=[]):  # every worker must build the same weights
+            torch.manual_seed(PRESET_SEED)
+            model = build_autoencoder(uri.removeprefix("preset:"))
+        return model.eval().to(device)
+    if uri.startswith(("models:/", "runs:/")):
+        uri = _mlflow_local(uri)
+    return Autoencoder.from_pretrained(uri, device=device).eval()
+
+
+def resolve_vae(uri: str) -> VaeSpec:
+    """Load ``--vae`` once on the driver to fix its id; a VAE that cannot be loaded is a usage error (exit 2)."""
+    if uri == "none":
+        return VaeSpec(uri, "none", "none", 2, float(SAMPLE_RATE))
+    try:
+        model = load_vae(uri)
+    except Exception as exc:  # any failure to load a user-named model is a usage error, reported in one line
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(f"--vae: cannot load {uri!r} ({type(exc).__name__}: {message})") from None
+    cfg_hash = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    vae_id = f"{uri}@seed{PRESET_SEED}" if uri.startswith("preset:") else f"sha256:{weights_hash(model)[:16]}"
+    return VaeSpec(uri, vae_id, cfg_hash, model.latent_channels, float(model.latent_rate))
+
+
+def check_loaded(model, spec: VaeSpec) -> None:
+    """A worker's copy of the VAE must be the one the driver resolved (an s3 object may change mid-job)."""
+    if spec.uri.startswith("preset:") or model is None:
+        return
+    got = f"sha256:{weights_hash(model)[:16]}"
+    if got != spec.vae_id:
+        raise RuntimeError(f"--vae {spec.uri}: worker loaded weights {got}, the job started with {spec.vae_id}")
+
+
+def encode(
+    model, pieces: list[np.ndarray], batch_size: int, chunk_seconds: float, device: str = "cpu"
+) -> list[np.ndarray]:
+    """Latents for each (2, n_i) float32 piece at 44.1 kHz: float16 (C, ceil(n_i / D)), in input order.
+
+    Only pieces of equal length share a batch: right-padding a shorter piece would let the encoder's biases leak
+    into its last frames, so a piece's latents would depend on its batch neighbours. Pieces longer than
+    ``chunk_seconds`` go through the chunked encoder (bounded memory, same result up to float rounding).
+    """
+    import torch
+
+    out: list[np.ndarray | None] = [None] * len(pieces)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, piece in enumerate(pieces):
+        by_length[piece.shape[-1]].append(i)
+    with torch.inference_mode():
+        for length, indices in sorted(by_length.items()):
+            for start in range(0, len(indices), batch_size):
+                group = indices[start : start + batch_size]
+                audio = torch.from_numpy(np.stack([pieces[i] for i in group])).to(device)  # (B, 2, n)
+                if length > chunk_seconds * SAMPLE_RATE:
+                    latents = model.encode_chunked(audio, chunk_seconds=chunk_seconds)
+                else:
+                    latents = model.encode(audio)  # (B, C, ceil(n / D))
+                latents = latents.float().cpu().numpy().astype(np.float16)
+                for i, z in zip(group, latents, strict=True):
+                    out[i] = z
+    return out  # type: ignore[return-value]

@@ -1,0 +1,203 @@
+"""One shard, start to finish: fetch → decode → augment → encode → tar → upload → marker.
+
+:class:`ShardWorker` holds the VAE and processes whole shards, so the unit of work, of retry and of output are
+the same thing: if the process dies, the shard's retry rebuilds the same samples in the same order and overwrites
+the same tar (uploads are atomic) before writing the marker; a shard without a marker was never finished, and one
+with a marker is never written again. The class knows nothing about Ray; ``preprocess.job`` runs it either in
+process or as a pool of Ray actors.
+
+Inside a shard, the next inputs are fetched and decoded on a thread while the current batch is encoded, and
+pieces (segments and augmented copies) are batched across inputs until ``batch_size`` is reached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import shards
+from pipeline.config import PreprocessConfig
+from preprocess import audio, augment
+from preprocess.encode import VaeSpec, check_loaded, encode, load_vae
+from preprocess.sources import InputItem, ShardPlan, fetch, read_sidecar
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 2  # inputs decoded ahead of the encoder
+
+
+@dataclass
+class ShardResult:
+    stats: shards.ShardStats
+    inputs: int
+    audio_seconds: float  # of 44.1 kHz audio encoded in this call (0 when the shard was already done)
+    skipped: bool = False
+
+
+@dataclass
+class _Loaded:
+    """An input after fetch + decode, or the reason it failed."""
+
+    item: InputItem
+    sha256: str = ""
+    caption: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    decoded: audio.Decoded | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Piece:
+    """One sample to be: a segment of an input, original (copy 0) or augmented."""
+
+    input_index: int
+    segment: int
+    copy: int
+    offset_seconds: float
+    audio: np.ndarray | None  # (2, n) float32 @ 44.1 kHz; dropped once encoded
+    augmentation: dict[str, Any] | None
+    samples: int = 0  # n
+
+    def __post_init__(self) -> None:
+        self.samples = self.audio.shape[-1]
+
+
+def load_input(item: InputItem) -> _Loaded:
+    """Fetch, hash, read the caption, decode. Bad audio or a bad sidecar is recorded; storage failures raise."""
+    loaded = _Loaded(item=item, caption=item.caption or "", meta=dict(item.meta))
+    if item.sidecar:
+        try:
+            loaded.caption, loaded.meta = read_sidecar(item.sidecar)
+        except (ValueError, UnicodeDecodeError) as exc:
+            loaded.error = f"caption: sidecar {item.sidecar.rsplit('/', 1)[-1]} is unreadable ({exc})"
+            return loaded
+    try:
+        with fetch(item.uri) as (path, sha256, _):
+            loaded.sha256 = sha256
+            loaded.decoded = audio.decode(path)
+    except FileNotFoundError:
+        loaded.error = "missing: the file disappeared after listing"
+    except audio.AudioError as exc:
+        loaded.error = exc.reason
+    return loaded
+
+
+class ShardWorker:
+    """Holds the VAE and the augmentation chain; :meth:`process` turns a :class:`ShardPlan` into a written shard."""
+
+    def __init__(self, out: str, config: dict[str, Any], vae: VaeSpec, device: str = "cpu"):
+        self.out = out
+        self.cfg = PreprocessConfig.model_validate(config)
+        self.vae = vae
+        self.device = device
+        self.model = load_vae(vae.uri, device)
+        check_loaded(self.model, vae)
+        self.chain = augment.build_chain(self.cfg.augment.chain)
+        self.copies = self.cfg.augment.copies if self.chain is not None else 0
+
+    # ------------------------------------------------------------------ the shard
+    def process(self, plan: ShardPlan) -> ShardResult:
+        if shards.is_done(self.out, plan.name):  # a retry racing a finished attempt: never write a shard twice
+            return ShardResult(shards.read_stats(self.out, plan.name), len(plan.inputs), 0.0, skipped=True)
+        loaded: dict[int, _Loaded] = {}
+        latents: dict[tuple[int, int, int], np.ndarray] = {}
+        flacs: dict[tuple[int, int, int], bytes] = {}
+        pieces: list[_Piece] = []
+        pending: list[_Piece] = []
+        for i, item in enumerate(self._prefetch(plan.inputs)):
+            loaded[i] = item
+            if item.error is None:
+                try:
+                    new = self._pieces(i, item)
+                except audio.AudioError as exc:
+                    item.error = exc.reason
+                    continue
+                pieces += new
+                pending += new
+                if len(pending) >= self.cfg.batch_size:
+                    self._encode(pending, loaded, latents, flacs)
+                    pending = []
+        self._encode(pending, loaded, latents, flacs)
+
+        samples, errors, seconds = [], [], 0.0
+        for _, item in sorted(loaded.items()):
+            if item.error is not None:
+                errors.append({"source_uri": item.item.uri, "reason": item.error})
+        for piece in pieces:
+            item = loaded[piece.input_index]
+            if item.error is None:
+                samples.append(self._sample(item, piece, latents, flacs))
+                seconds += piece.samples / audio.SAMPLE_RATE
+        stats = shards.write_shard(self.out, plan.name, samples, errors)
+        return ShardResult(stats, len(plan.inputs), seconds)
+
+    def _prefetch(self, items: list[InputItem]) -> Iterator[_Loaded]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+            futures: list[Future] = []
+            for item in items:
+                futures.append(pool.submit(load_input, item))
+                if len(futures) > PREFETCH:
+                    yield futures.pop(0).result()
+            for future in futures:
+                yield future.result()
+
+    def _pieces(self, index: int, item: _Loaded) -> list[_Piece]:
+        """The segments of one input, then each augmented copy of them: input order, segment, copy."""
+        segments = audio.segments(item.decoded.audio, self.cfg.max_seconds)
+        out = []
+        for seg in segments:
+            out.append(_Piece(index, seg.index, 0, seg.offset_seconds, seg.audio, None))
+            for copy in range(1, self.copies + 1):
+                seed = augment.copy_seed(self.cfg.augment.seed, item.sha256, copy)
+                try:
+                    augmented, applied = augment.apply(self.chain, seg.audio, seed)
+                except Exception as exc:  # a transform that cannot handle this input (e.g. too short)
+                    raise audio.AudioError(f"augment: {type(exc).__name__}: {exc}") from None
+                if not np.isfinite(augmented).all():
+                    raise audio.AudioError(f"augment: copy {copy} produced NaN or inf")
+                record = augment.record(seed, copy, applied)
+                out.append(_Piece(index, seg.index, copy, seg.offset_seconds, augmented, record))
+        item.decoded.audio = None  # the pieces hold what is still needed
+        return out
+
+    def _encode(self, pending: list[_Piece], loaded: dict[int, _Loaded], latents: dict, flacs: dict) -> None:
+        if not pending:
+            return
+        if self.model is None:
+            for p in pending:
+                flacs[(p.input_index, p.segment, p.copy)] = audio.flac_bytes(p.audio)
+                p.audio = None
+            return
+        encoded = encode(
+            self.model, [p.audio for p in pending], self.cfg.batch_size, self.cfg.chunk_seconds, self.device
+        )
+        for p, z in zip(pending, encoded, strict=True):
+            if not np.isfinite(z).all():
+                loaded[p.input_index].error = "nonfinite: the VAE produced NaN or inf latents (float16 overflow?)"
+            latents[(p.input_index, p.segment, p.copy)] = z
+            p.audio = None
+
+    def _sample(self, item: _Loaded, piece: _Piece, latents: dict, flacs: dict) -> shards.Sample:
+        key = f"{item.item.key}_{piece.segment:04d}" + (f"_a{piece.copy}" if piece.copy else "")
+        meta = {
+            "caption": item.caption,
+            "seconds_total": item.decoded.seconds_total,
+            "offset_seconds": round(piece.offset_seconds, 6),
+            "segment_seconds": round(piece.samples / audio.SAMPLE_RATE, 6),
+            "source_uri": item.item.uri,
+            "source_sha256": item.sha256,
+            "augmentation": piece.augmentation,
+            "sample_rate": audio.SAMPLE_RATE,
+            "latent_rate": self.vae.latent_rate,
+            "vae_id": self.vae.vae_id,
+            "meta": item.meta,
+        }
+        where = (piece.input_index, piece.segment, piece.copy)
+        if self.model is None:
+            return shards.Sample(key=key, meta=meta, flac=flacs[where])
+        return shards.Sample(key=key, meta=meta, latents=latents[where])

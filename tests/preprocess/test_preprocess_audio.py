@@ -1,0 +1,74 @@
+"""Decoding every format/rate/layout to 44.1 kHz stereo, segmenting, and naming what is wrong with bad files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from preprocess_fixtures import write_mixed_inputs
+
+from preprocess import audio
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    good, bad = write_mixed_inputs(root)
+    return root, good, bad
+
+
+def test_every_good_input_decodes_to_44k_stereo_of_the_right_length(mixed):
+    root, good, _ = mixed
+    for name, exp in good.items():
+        decoded = audio.decode(str(root / name))
+        assert decoded.audio.dtype == np.float32 and decoded.audio.shape == (2, exp.samples_44k), name
+        assert decoded.seconds_total == exp.seconds_total, name
+        assert np.isfinite(decoded.audio).all() and np.abs(decoded.audio).max() > 1e-4, name
+
+
+def test_bad_inputs_are_rejected_with_their_reason(mixed):
+    root, _, bad = mixed
+    for name, category in bad.items():
+        with pytest.raises(audio.AudioError) as err:
+            audio.decode(str(root / name))
+        assert err.value.reason.split(":")[0] == category, (name, err.value.reason)
+        assert str(root) not in err.value.reason  # no local (temp) paths in errors.jsonl
+
+
+def test_resampling_keeps_a_tone_at_its_frequency(tmp_path):
+    rate, freq = 8000, 440.0
+    t = np.arange(rate * 2) / rate
+    path = tmp_path / "tone.wav"
+    sf.write(path, np.sin(2 * np.pi * freq * t).astype(np.float32) * 0.5, rate)
+    decoded = audio.decode(str(path))
+    spectrum = np.abs(np.fft.rfft(decoded.audio[0]))
+    peak = np.argmax(spectrum) * audio.SAMPLE_RATE / decoded.audio.shape[1]
+    assert abs(peak - freq) < 1.0
+    np.testing.assert_array_equal(decoded.audio[0], decoded.audio[1])  # mono → both sides
+
+
+def test_stereo_matrix_layouts():
+    assert np.allclose(np.array([[0.3]]) @ audio.stereo_matrix(1), [[0.3, 0.3]])
+    assert np.allclose(audio.stereo_matrix(2), np.eye(2))
+    five_one = audio.stereo_matrix(6)
+    assert five_one.shape == (6, 2) and np.allclose(five_one.sum(axis=0), 1.0)
+    assert five_one[3].tolist() == [0.0, 0.0]  # LFE dropped
+    assert five_one[0, 0] > five_one[2, 0] > 0 and five_one[0, 1] == 0  # FL → left only, centre to both
+    assert np.allclose(audio.stereo_matrix(4), 0.25)
+
+
+def test_segments_keep_offsets_and_cover_the_input():
+    x = np.zeros((2, 44100 * 10 + 7), np.float32)
+    segs = audio.segments(x, max_seconds=4.0)
+    assert [s.offset_seconds for s in segs] == [0.0, 4.0, 8.0]
+    assert [s.audio.shape[1] for s in segs] == [176400, 176400, 88207]
+    assert [s.index for s in segs] == [0, 1, 2]
+
+
+def test_flac_bytes_round_trip():
+    x = (np.random.default_rng(0).standard_normal((2, 4410)) * 0.1).astype(np.float32)
+    data, rate = sf.read(io.BytesIO(audio.flac_bytes(x)), dtype="float32")
+    assert rate == 44100 and data.shape == (4410, 2)
+    np.testing.assert_allclose(data.T, x, atol=1e-6)

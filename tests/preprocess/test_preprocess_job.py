@@ -1,0 +1,128 @@
+"""The job on local directories with the in-process backend: reruns, audio shards, augmented copies, CLI codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from preprocess_fixtures import route_preprocess, write_clips
+
+from pipeline import cli, shards
+from pipeline.config import ConfigError, PreprocessConfig
+from preprocess import job
+
+
+def _cfg(**kw) -> PreprocessConfig:
+    return PreprocessConfig.model_validate({"samples_per_shard": 2, "max_seconds": 1.0, **kw})
+
+
+def _samples(out: str) -> list[shards.Sample]:
+    return [s for uri in shards.shard_uris(out) for s in shards.read_shard(uri)]
+
+
+def _mtimes(out: str) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+def test_rerun_skips_done_shards_and_writes_nothing(tmp_path):
+    expected = write_clips(tmp_path / "src", 5, seconds=0.4)
+    out = str(tmp_path / "out")
+    first = job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    assert first["shards"] == 3 and first["shards_written"] == 3 and first["samples"] == 5 and first["errors"] == 0
+    assert sorted(s.meta["source_uri"].rsplit("/", 1)[-1] for s in _samples(out)) == sorted(expected)
+    before = _mtimes(out)
+    again = job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 3 and again["samples"] == 5
+    assert _mtimes(out) == before  # not one file rewritten, index included
+
+    os.remove(shards.stats_uri(out, "train-000001"))  # as if the job died between tar and marker
+    third = job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    assert third["shards_written"] == 1 and third["samples"] == 5
+    assert shards.verify(out).ok
+
+
+def test_an_out_of_another_job_is_refused(tmp_path):
+    write_clips(tmp_path / "src", 3, seconds=0.3)
+    out = str(tmp_path / "out")
+    job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    with pytest.raises(ConfigError, match="samples_per_shard"):
+        job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(samples_per_shard=3), backend="local", progress=False)
+    write_clips(tmp_path / "src", 4, seconds=0.3)  # a new file would shift the shard assignment
+    with pytest.raises(ConfigError, match="inputs"):
+        job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+
+
+def test_audio_shards_and_augmented_copies(tmp_path):
+    write_clips(tmp_path / "src", 3, seconds=1.5)
+    out = str(tmp_path / "out")
+    cfg = _cfg(
+        samples_per_shard=4,
+        augment={"copies": 1, "seed": 7, "chain": [{"name": "Gain", "min_gain_db": -3, "max_gain_db": 3, "p": 1}]},
+    )
+    summary = job.run(str(tmp_path / "src"), out, "none", cfg, backend="local", progress=False)
+    # 4 samples per shard with 1 copy → 2 inputs per shard; each 1.5-1.7 s clip → 2 one-second segments × 2 copies
+    assert summary["shards"] == 2 and summary["samples"] == 12
+    index = shards.read_index(out)
+    assert index["vae_id"] == "none" and index["latent_channels"] == 2 and index["latent_rate"] == 44100.0
+    per_shard = [[s for s in shards.read_shard(uri)] for uri in shards.shard_uris(out)]
+    for samples in per_shard:  # an input's segments and copies never leave its shard
+        sources = {s.meta["source_uri"] for s in samples}
+        assert all(sum(s.meta["source_uri"] == u for s in samples) == 4 for u in sources)
+    samples = [s for shard in per_shard for s in shard]
+    assert len({s.key for s in samples}) == 12
+    for s in samples:
+        audio, rate = sf.read(io.BytesIO(s.flac), dtype="float32")
+        assert rate == 44100 and audio.shape[1] == 2
+        assert audio.shape[0] == round(s.meta["segment_seconds"] * 44100)
+        aug = s.meta["augmentation"]
+        assert (aug is None) == (not s.key.endswith("_a1"))
+        if aug is not None:
+            assert aug["copy"] == 1 and aug["transforms"][0]["name"] == "Gain" and "amplitude_ratio" in json.dumps(aug)
+    assert shards.verify(out).ok
+    # reruns make the same variants, byte for byte
+    out2 = str(tmp_path / "out2")
+    job.run(str(tmp_path / "src"), out2, "none", cfg, backend="local", progress=False)
+    assert [s["sha256"] for s in shards.read_index(out2)["shards"]] == [s["sha256"] for s in index["shards"]]
+
+
+def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
+    route_preprocess(monkeypatch)
+    write_clips(tmp_path / "src", 2, seconds=0.3)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    monkeypatch.setattr(job, "BACKENDS", {**job.BACKENDS, "ray": job.run_local})  # no cluster needed here
+    # overrides before --vae: pipeline/cli.py's parse_args does not take positionals after options (lead: issue 4)
+    assert cli.main(["preprocess", src, out, "max_seconds=-1", "--vae", "preset:tiny"]) == 2
+    assert "max_seconds" in capsys.readouterr().err
+    assert cli.main(["preprocess", src, out, "--vae", "preset:huge"]) == 2
+    assert "--vae" in capsys.readouterr().err
+    assert cli.main(["preprocess", str(tmp_path / "nope"), out, "--vae", "none"]) == 2
+    assert cli.main(["preprocess", src, out, "samples_per_shard=1", "--vae", "preset:tiny"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"] == 2 and summary["shards"] == 2 and summary["errors"] == 0
+
+    def broken(plans, out, cfg, vae, on_result):
+        for plan in plans:
+            on_result(plan, None, RuntimeError("worker lost"))
+
+    monkeypatch.setattr(job, "BACKENDS", {**job.BACKENDS, "ray": broken})
+    out2 = str(tmp_path / "out2")
+    assert cli.main(["preprocess", src, out2, "--vae", "preset:tiny"]) == 1
+    assert "train-000000" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out2, "index.json"))
+
+
+def test_latents_follow_the_source(tmp_path):
+    expected = write_clips(tmp_path / "src", 2, seconds=2.3)
+    out = str(tmp_path / "out")
+    job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    for s in _samples(out):
+        exp = expected[s.meta["source_uri"].rsplit("/", 1)[-1]]
+        offset, n = exp.segments(1.0)[int(s.key.rsplit("_", 1)[1])]
+        assert s.latents.dtype == np.float16 and s.latents.shape == (16, -(-n // 1024))
+        assert s.meta["offset_seconds"] == pytest.approx(offset) and s.meta["seconds_total"] == exp.seconds_total
+        assert s.meta["source_sha256"] == exp.sha256 and s.meta["caption"].startswith("clip number")
