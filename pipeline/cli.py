@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("out")
 
     # train / submit ----------------------------------------------------------------------------------------
-    p = command(sub, "train", NOT_BUILT, "DeepSpeed training through Ray Train", issue="issue 5")
+    p = command(sub, "train", "train.cli:train", "DeepSpeed training through Ray Train")
     p.add_argument("kind", choices=["vae", "clap", "diffusion"])
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -1,0 +1,115 @@
+"""Crops, timing, padding and the per-rank shard split of the streaming dataset (local shards, no services)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import shards
+from pipeline.models.autoencoder import build_autoencoder
+from train import data
+
+RATE = 44100 / 1024
+
+
+def meta(offset: float, total: float, caption: str = "c") -> dict:
+    return {"offset_seconds": offset, "seconds_total": total, "caption": caption}
+
+
+def test_crop_timing_on_known_offsets() -> None:
+    x = np.arange(10 * 100, dtype=np.float32).reshape(10, 100)  # 100 frames at 10 frames/s = 10 s
+    rng = random.Random(0)
+    for _ in range(50):
+        c = data.crop(x, meta(offset=95.0, total=120.0), window=20, rate=10.0, pad_value=0.0, rng=rng)
+        start = int(c.x[0, 0])  # channel 0 holds the frame index
+        assert 0 <= start <= 80 and c.mask.all()
+        assert c.seconds_start == np.floor(95.0 + start / 10.0)
+        assert c.seconds_total == 120.0
+        np.testing.assert_array_equal(c.x[3], x[3, start : start + 20])
+    # exact boundaries: a crop starting 2.5 s into a segment at 2.5 s starts at second 5, not 4 (float error)
+    x2 = np.zeros((1, 400), dtype=np.float32)
+    rng_fixed = random.Random()
+    rng_fixed.randint = lambda a, b: 25  # type: ignore[method-assign]
+    c = data.crop(x2, meta(offset=2.5, total=50.0), window=100, rate=10.0, pad_value=0.0, rng=rng_fixed)
+    assert c.seconds_start == 5.0
+    # evaluation crops start at the segment start
+    c = data.crop(x, meta(offset=7.9, total=20.0), window=20, rate=10.0, pad_value=0.0, rng=None)
+    assert c.seconds_start == 7.0 and c.x[0, 0] == 0
+
+
+def test_short_segment_is_padded_with_the_silence_latent() -> None:
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny")
+    silence = data.silence_latent(vae)
+    assert silence.shape == (16,) and np.abs(silence).sum() > 0  # not zeros: the VAE's code for silence
+    x = np.ones((16, 7), dtype=np.float16)
+    c = data.crop(x, meta(offset=3.0, total=4.0), window=12, rate=RATE, pad_value=silence, rng=random.Random(1))
+    assert c.x.shape == (16, 12) and c.x.dtype == np.float32
+    assert c.mask.tolist() == [True] * 7 + [False] * 5
+    np.testing.assert_array_equal(c.x[:, :7], 1.0)
+    np.testing.assert_allclose(c.x[:, 7:], np.repeat(silence[:, None], 5, axis=1))
+    assert c.seconds_start == 3.0 and c.seconds_total == 4.0
+
+
+def test_slot_shards_never_empty_and_cover_everything() -> None:
+    urls = [f"s{i}" for i in range(5)]
+    parts = [data.slot_shards(urls, i, 2) for i in range(2)]
+    assert parts == [["s0", "s2", "s4"], ["s1", "s3"]]
+    few = [data.slot_shards(urls[:1], i, 4) for i in range(4)]
+    assert few == [["s0"]] * 4
+    with pytest.raises(ValueError):
+        data.slot_shards([], 0, 1)
+
+
+def _write(tmp_path, counts: list[int]) -> list[str]:
+    out = str(tmp_path / "out")
+    stats = []
+    for n, count in enumerate(counts):
+        samples = [
+            shards.Sample(
+                key=f"s{n}_{i}",
+                meta={**meta(offset=float(i), total=float(i + 5), caption=f"shard {n} item {i}"), "latent_rate": RATE},
+                latents=np.full((4, 30 + i), n, dtype=np.float16),
+            )
+            for i in range(count)
+        ]
+        stats.append(shards.write_shard(out, shards.shard_name("train", n), samples))
+    shards.write_index(
+        out, vae_id="x", vae_config_hash="x", latent_channels=4, latent_rate=RATE, shards=stats, errors=[]
+    )
+    return shards.shard_uris(out, "train")
+
+
+def test_ranks_stream_forever_on_uneven_shards(tmp_path) -> None:
+    urls = _write(tmp_path, [3, 1, 2])  # 3 shards over 2 ranks: rank 0 gets 2 shards (5 samples), rank 1 one (1)
+    keys = {}
+    for rank in range(2):
+        ds = data.ShardCrops(urls, window=32, rate=RATE, rank=rank, world_size=2, seed=7, shuffle_buffer=4)
+        crops = list(itertools.islice(iter(ds), 40))  # far more than a pass: the stream cycles, never ends
+        keys[rank] = {c.key for c in crops}
+        assert all(c.x.shape == (4, 32) for c in crops)
+    assert keys[0] == {"s0_0", "s0_1", "s0_2", "s2_0", "s2_1"} and keys[1] == {"s1_0"}
+    # seeded: the same seed gives the same stream
+    a = [
+        c.key for c in itertools.islice(iter(data.ShardCrops(urls, window=32, rate=RATE, seed=3, shuffle_buffer=4)), 12)
+    ]
+    b = [
+        c.key for c in itertools.islice(iter(data.ShardCrops(urls, window=32, rate=RATE, seed=3, shuffle_buffer=4)), 12)
+    ]
+    assert a == b
+
+
+def test_loader_workers_split_and_collate(tmp_path) -> None:
+    urls = _write(tmp_path, [2, 2, 2, 2])
+    ds = data.ShardCrops(urls, window=40, rate=RATE, pad_value=-1.0, infinite=False)
+    batches = list(data.loader(ds, batch_size=3, num_workers=2))
+    keys = sorted(k for b in batches for k in b["key"])
+    assert keys == sorted(f"s{n}_{i}" for n in range(4) for i in range(2))  # one pass, each sample once
+    b = batches[0]
+    assert b["x"].dtype == torch.float32 and b["x"].shape[1:] == (4, 40) and b["mask"].dtype == torch.bool
+    assert b["seconds_start"].dtype == torch.float32 and isinstance(b["caption"], list)
+    assert (b["x"][~b["mask"][:, None, :].expand_as(b["x"])] == -1.0).all()  # padding value where mask is False

@@ -1,0 +1,42 @@
+"""`train vae` on audio shards from S3: 2 workers, alternating discriminator/generator engines, export registered."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import storage
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+def test_vae_trains_and_exports_a_loadable_autoencoder(local_stack, ray_train, audio_dataset, train_config, tmp_path):
+    import mlflow
+
+    from pipeline.models.autoencoder import Autoencoder
+    from train.launch import launch
+
+    checkpoints = local_stack.s3_prefix("vae-checkpoints")
+    cfg = train_config(
+        "vae",
+        audio_dataset,
+        checkpoints,
+        "t-vae",
+        run__max_steps=6,
+        run__checkpoint_every=3,
+        run__log_every=3,
+        data__window_seconds=0.25,
+        data__holdout_split=None,
+        deepspeed__micro_batch=2,
+        deepspeed__lr=3e-4,
+    )
+    result = launch(cfg)
+    assert result.error is None, result.error
+    (run,) = mlflow.search_runs(
+        experiment_names=["longplay-tests"], filter_string="tags.`mlflow.runName` = 't-vae'", output_format="list"
+    )
+    for key in ("loss", "stft", "kl", "adversarial", "feature_matching", "discriminator"):
+        assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)] == [3, 6], key
+    ckpt_files = list(storage.list_uris(storage.join(checkpoints, "t-vae")))
+    assert any("/discriminator/" in u for u in ckpt_files)
+    vae = Autoencoder.from_pretrained(storage.join(checkpoints, "t-vae", "export"))
+    assert vae.latent_channels == 16

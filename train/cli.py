@@ -1,0 +1,55 @@
+"""`longplay train vae|clap|diffusion --config F [key=value ...]`: load and check the config, then launch Ray Train.
+
+Exit codes: 0 trained, 1 the run failed (Ray Train's error is printed), 2 bad config (raised as ConfigError, which
+the CLI turns into one line naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import ConfigError, TrainConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+def resolve(kind: str, config: str | None, overrides: list[str]) -> TrainConfig:
+    """The resolved TrainConfig for ``longplay train KIND``; a config file written for another kind is an error."""
+    cfg = load_config(TrainConfig, config, [f"kind={kind}", *overrides])
+    raw_kind = _file_kind(config)
+    if raw_kind is not None and raw_kind != kind:
+        raise ConfigError(f"kind: {config} is a {raw_kind!r} config, the command asked for {kind!r}")
+    if cfg.kind != kind:
+        raise ConfigError(f"kind: overridden to {cfg.kind!r}, the command asked for {kind!r}")
+    if cfg.kind == "diffusion" and not cfg.model.clap:
+        raise ConfigError("model.clap: diffusion needs a trained CLAP (path, s3:// URI or models:/NAME@ALIAS)")
+    if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
+        raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu=true (use fp32 or bf16 on CPU)")
+    return cfg
+
+
+def _file_kind(config: str | None) -> str | None:
+    if config is None:
+        return None
+    import yaml
+
+    with open(config) as f:
+        raw = yaml.safe_load(f) or {}
+    return raw.get("kind") if isinstance(raw, dict) else None
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = resolve(args.kind, args.config, list(args.overrides))
+    from train.launch import launch
+
+    result = launch(cfg)
+    if result.error is not None:
+        print(f"longplay: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps({"run": cfg.run.name, "checkpoint": str(result.checkpoint), "metrics": result.metrics}, default=str)
+    )
+    return 0

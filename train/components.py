@@ -1,0 +1,88 @@
+"""Frozen components a loop reads (the VAE, a trained CLAP) and the export layout the loops write.
+
+Export of a trained CLAP (a directory; also what its MLflow registered model version points at)::
+
+    model.safetensors     CLAP weights (EMA)
+    tokenizer.json        the caption tokenizer it was trained with
+    config.json           {"kind": "clap", "preset", "vocab_size", "latent_channels", "latent_rate"}
+    train_config.json     the resolved TrainConfig of the run
+
+The diffusion export adds what generation needs, so one URI is a whole bundle::
+
+    model.safetensors     diffusion model weights (EMA);  config.json {"kind": "diffusion", "preset", ...}
+    clap/                 the CLAP export above;          autoencoder/  the VAE (model.safetensors + config.json)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.models.autoencoder import Autoencoder, build_autoencoder
+from pipeline.models.clap import CLAP, build_clap
+from pipeline.text import CaptionTokenizer
+from pipeline.tracking import download_model
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+PRESET_SEED = 0  # "preset:NAME" VAEs are freshly initialised from this seed, the convention preprocessing follows
+
+
+def load_vae(uri: str) -> Autoencoder:
+    """The frozen VAE: ``preset:NAME`` (initialised from :data:`PRESET_SEED`), a local/s3:// export or models:/…"""
+    if uri.startswith("preset:"):
+        with torch.random.fork_rng():
+            torch.manual_seed(PRESET_SEED)
+            vae = build_autoencoder(uri.removeprefix("preset:"))
+    elif uri.startswith(("models:/", "runs:/")):
+        vae = Autoencoder.from_pretrained(download_model(uri))
+    else:
+        vae = Autoencoder.from_pretrained(uri)
+    return vae.eval().requires_grad_(False)
+
+
+def vae_uri(configured: str | None, index: dict[str, Any]) -> str:
+    """``model.vae`` if set, else the ``vae_id`` the shards were encoded with."""
+    uri = configured or index.get("vae_id")
+    if not uri:
+        raise ValueError("model.vae: not set and the shard index names no vae_id")
+    return str(uri)
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path, prefix: str = "") -> None:
+    """Write the tensors under ``prefix`` (stripped) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    picked = {k[len(prefix) :]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
+    save_file(picked, str(path), metadata={"format": "longplay"})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def load_clap(uri: str) -> tuple[CLAP, CaptionTokenizer, dict[str, Any]]:
+    """A trained CLAP export (local dir, s3:// prefix, models:/…) → frozen model, its tokenizer and its config."""
+    directory = download_model(uri)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    if config.get("kind") != "clap":
+        raise ValueError(f"model.clap: {uri} is not a CLAP export (kind={config.get('kind')!r})")
+    tokenizer = CaptionTokenizer.load(directory / TOKENIZER_FILE)
+    clap = build_clap(config["preset"], vocab_size=config["vocab_size"])
+    clap.load_state_dict(load_weights(directory / WEIGHTS_FILE), strict=True)
+    return clap.eval().requires_grad_(False), tokenizer, config
+
+
+def copy_export(uri: str, target: Path) -> None:
+    """Copy an export (any URI :func:`download_model` takes) into ``target``."""
+    import shutil
+
+    source = download_model(uri)
+    shutil.copytree(source, target, dirs_exist_ok=True)

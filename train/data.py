@@ -1,0 +1,261 @@
+"""Streaming training data: WebDataset over local or s3:// shards → random crops with Stable Audio's timing.
+
+Each (rank, DataLoader worker) pair is one *slot*; slot ``i`` of ``N`` reads shards ``urls[i::N]`` (or, when there are
+fewer shards than slots, one shard chosen by ``i mod len(urls)``, so no slot is ever empty). The per-slot stream
+cycles over its shards forever, reshuffled each pass from a seed, so step-based training on uneven shard counts never
+waits for a rank that ran out of data::
+
+    shards ──split by slot──> slot's shards ──cycle, seeded shuffle──> tar samples ──seeded buffer──> crops
+
+A crop of ``W`` latent frames starts at a uniformly random frame ``s`` of a segment of ``T`` frames; the timing it
+carries is the paper's (``seconds_start`` is the crop's offset within its *source file*)::
+
+    source file   |==================== seconds_total = ceil(duration) ====================|
+    segment                 |<- offset_seconds ->|============ T frames ============|
+    crop                                         |<- s frames ->|==== W frames ====|
+    seconds_start = floor(offset_seconds + s / latent_rate)
+
+A segment shorter than the window is placed at frame 0 and padded with the VAE's latent of *silence* (not zeros:
+zeros decode to a buzz), and ``mask`` marks the real frames so losses can ignore the padding.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import shards as shard_format
+from pipeline import storage
+
+
+@dataclass
+class Crop:
+    """One training example: a fixed-length window of latents (or audio) with its timing and caption."""
+
+    x: np.ndarray  # (C, W) float32: latents, or audio (2, W samples) for the VAE
+    mask: np.ndarray  # (W,) bool, True = real frame
+    seconds_start: float  # floor(offset_seconds + crop offset), in whole seconds
+    seconds_total: float  # length of the source file (ceil), from the metadata
+    caption: str
+    key: str
+
+
+# ----------------------------------------------------------------------------------------------- crops (pure)
+def crop(
+    x: np.ndarray,
+    meta: dict[str, Any],
+    window: int,
+    rate: float,
+    pad_value: np.ndarray | float,
+    rng: random.Random | None,
+    key: str = "",
+) -> Crop:
+    """Cut a window of ``window`` frames out of ``x`` (C, T) at ``rate`` frames per second.
+
+    ``rng`` None takes the window at frame 0 (evaluation); otherwise its start is uniform over every position that
+    keeps the window inside the segment. ``pad_value`` (C,) or a scalar fills frames past the end of short segments.
+    """
+    channels, length = x.shape
+    start = rng.randint(0, length - window) if rng is not None and length > window else 0
+    part = x[:, start : start + window].astype(np.float32)
+    real = part.shape[1]
+    mask = np.zeros(window, dtype=bool)
+    mask[:real] = True
+    if real < window:
+        fill = np.broadcast_to(np.asarray(pad_value, dtype=np.float32).reshape(-1, 1), (channels, window - real))
+        part = np.concatenate([part, fill], axis=1)
+    offset = float(meta.get("offset_seconds", 0.0)) + start / rate
+    # A small epsilon keeps exact integers (e.g. 3.0 from 2.5 + 0.5) from flooring to 2 through float error.
+    return Crop(
+        x=part,
+        mask=mask,
+        seconds_start=float(math.floor(offset + 1e-6)),
+        seconds_total=float(meta["seconds_total"]),
+        caption=str(meta.get("caption", "")),
+        key=key,
+    )
+
+
+def silence_latent(vae: torch.nn.Module, seconds: float = 1.0) -> np.ndarray:
+    """The VAE's latent of digital silence, (C,): the middle frame of encoding ``seconds`` of zeros.
+
+    The middle frame is away from the encoder's zero padding at the edges, so it is the steady-state code that a
+    stretch of silence decodes from.
+    """
+    samples = int(seconds * vae.sample_rate)
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, vae.cfg.audio_channels, samples))  # (1, C, T)
+    return z[0, :, z.shape[-1] // 2].float().numpy()
+
+
+# ----------------------------------------------------------------------------------------------- shard split
+def slot_shards(urls: list[str], slot: int, slots: int) -> list[str]:
+    """Shards of slot ``slot`` of ``slots``; never empty when ``urls`` is not (fewer shards than slots: reuse)."""
+    if not urls:
+        raise ValueError("no shards to read")
+    if len(urls) >= slots:
+        return urls[slot::slots]
+    return [urls[slot % len(urls)]]
+
+
+def _slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+class ShardCrops(IterableDataset):
+    """Crops streamed from tar shards through WebDataset.
+
+    Args:
+        urls: tar URIs (local paths or s3://), e.g. ``pipeline.shards.shard_uris(out, split)``.
+        window: crop length in frames (latent frames, or audio samples when ``payload == "flac"``).
+        rate: frames per second of the payload (latent_rate, or the audio sample rate).
+        pad_value: (C,) silence latent or a scalar, for short segments.
+        rank, world_size: this process's place among the training ranks.
+        seed: base seed; each slot and pass derives its own.
+        shuffle_buffer: samples in the shuffle buffer (0 = no shuffling, random crops still random).
+        infinite: cycle forever (training) or read each shard of the slot once (evaluation, crops at frame 0).
+        payload: ``"latents.npy"`` (latent shards) or ``"flac"`` (audio shards, for the VAE).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        window: int,
+        rate: float,
+        pad_value: np.ndarray | float = 0.0,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        infinite: bool = True,
+        payload: str = "latents.npy",
+    ) -> None:
+        super().__init__()
+        if payload not in shard_format.PAYLOADS:
+            raise ValueError(f"payload must be one of {shard_format.PAYLOADS}, got {payload!r}")
+        self.urls, self.window, self.rate, self.pad_value = sorted(urls), window, rate, pad_value
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.infinite, self.payload = shuffle_buffer, infinite, payload
+
+    def _shard_stream(self, slot: int, slots: int) -> Iterator[dict[str, str]]:
+        mine = slot_shards(self.urls, slot, slots)
+        epoch = 0
+        while True:
+            order = list(mine)
+            if self.infinite:
+                random.Random(f"{self.seed}/{slot}/{epoch}").shuffle(order)
+            yield from ({"url": u} for u in order)
+            if not self.infinite:
+                return
+            epoch += 1
+
+    def _decode(self, sample: dict[str, Any], rng: random.Random | None) -> Crop:
+        key = sample["__key__"]
+        if not shard_format.KEY_RE.match(key):
+            raise shard_format.ShardFormatError(f"{sample.get('__url__')}: bad sample key {key!r}")
+        meta = json.loads(sample["json"])
+        if self.payload == "flac":
+            x = _decode_flac(sample["flac"])
+        else:
+            x = shard_format.npy_load(sample["latents.npy"])
+        return crop(x, meta, self.window, self.rate, self.pad_value, rng, key=key)
+
+    def __iter__(self) -> Iterator[Crop]:
+        import webdataset as wds
+
+        storage.register_webdataset()  # DataLoader workers and Ray workers do not inherit the s3 scheme
+        worker, workers = _slot()
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        rng = random.Random(f"{self.seed}/crop/{slot}") if self.infinite else None
+        samples = wds.tarfile_to_samples()(self._shard_stream(slot, slots))
+        if self.shuffle_buffer > 0 and self.infinite:
+            buffer = self.shuffle_buffer
+            samples = wds.shuffle(buffer, initial=buffer, rng=random.Random(f"{self.seed}/shuffle/{slot}"))(samples)
+        for sample in samples:
+            yield self._decode(sample, rng)
+
+
+def _decode_flac(data: bytes) -> np.ndarray:
+    """FLAC bytes → (channels, N) float32; mono is duplicated to stereo."""
+    import soundfile as sf
+
+    audio, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (N, ch)
+    audio = audio.T
+    return np.repeat(audio, 2, axis=0) if audio.shape[0] == 1 else audio[:2]
+
+
+def collate(crops: list[Crop]) -> dict[str, Any]:
+    """Stack crops: x (B, C, W) float32, mask (B, W) bool, seconds_start/total (B,) float32, captions, keys."""
+    return {
+        "x": torch.from_numpy(np.stack([c.x for c in crops])),
+        "mask": torch.from_numpy(np.stack([c.mask for c in crops])),
+        "seconds_start": torch.tensor([c.seconds_start for c in crops], dtype=torch.float32),
+        "seconds_total": torch.tensor([c.seconds_total for c in crops], dtype=torch.float32),
+        "caption": [c.caption for c in crops],
+        "key": [c.key for c in crops],
+    }
+
+
+def loader(dataset: ShardCrops, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches of :func:`collate`; workers get their own slot of the shard list (see :class:`ShardCrops`)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=num_workers > 0,
+        drop_last=dataset.infinite,
+    )
+
+
+def batches_from(
+    cfg: Any,
+    urls: list[str],
+    window: int,
+    rate: float,
+    pad_value: np.ndarray | float,
+    rank: int,
+    world_size: int,
+    payload: str = "latents.npy",
+) -> Callable[[int], Iterator[dict[str, Any]]]:
+    """``start_step → batches`` for a TrainConfig: the crops' seed moves with the start step, so a resumed run does
+    not replay the exact crops it already saw."""
+
+    def make(start_step: int) -> Iterator[dict[str, Any]]:
+        dataset = ShardCrops(
+            urls,
+            window=window,
+            rate=rate,
+            pad_value=pad_value,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.run.seed * 1_000_003 + start_step,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            payload=payload,
+        )
+        return iter(loader(dataset, cfg.deepspeed.micro_batch, cfg.data.num_loader_workers))
+
+    return make
+
+
+def read_captions(urls: list[str], max_shards: int = 64) -> list[str]:
+    """Every caption of the first ``max_shards`` shards (sorted), for training the tokenizer.
+
+    Bounded so that starting a run on a large dataset does not read it all; every rank gets the same list.
+    """
+    captions = []
+    for uri in sorted(urls)[:max_shards]:
+        captions += [str(s.meta.get("caption", "")) for s in shard_format.read_shard(uri)]
+    return captions

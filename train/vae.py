@@ -1,0 +1,98 @@
+"""`train vae`: the autoencoder on audio shards (``KEY.flac``) with alternating discriminator / generator updates.
+
+Each micro-step::
+
+    audio (B, 2, N) ─VAE→ recon, kl
+    discriminator:  hinge(D(audio), D(recon.detach()))                      → its own engine steps
+    generator:      stereo STFT(recon, audio) + 1e-4 kl + 0.1 hinge_G(D(recon)) + 5 feature matching
+                    (D frozen for this pass)                                  → the VAE's engine steps
+
+The discriminator is a second DeepSpeed engine, checkpointed beside the VAE under ``discriminator/``. The export is
+the VAE's EMA weights in the format ``Autoencoder.from_pretrained`` reads (model.safetensors + config.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import shards as shard_format
+from pipeline.config import TrainConfig
+from pipeline.models.autoencoder import Autoencoder, build_autoencoder
+from train import data
+from train.components import CONFIG_FILE
+from train.engine import Engine
+from train.loop import RankContext, Task, run
+from train.vae_losses import (
+    ADV_WEIGHT,
+    FEATURE_WEIGHT,
+    KL_WEIGHT,
+    STFTDiscriminator,
+    discriminator_hinge,
+    feature_matching,
+    generator_hinge,
+    stereo_stft_loss,
+)
+
+
+def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task:
+    urls = shard_format.shard_uris(cfg.data.shards, cfg.data.split)
+    if not urls:
+        raise ValueError(f"data.shards: no {cfg.data.split!r} shards under {cfg.data.shards}")
+    if cfg.deepspeed.zero_stage == 3:
+        raise ValueError("deepspeed.zero_stage: the VAE's two alternating engines support ZeRO stages 0-2")
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    vae = build_autoencoder(cfg.model.preset)
+    disc = STFTDiscriminator(vae.cfg.audio_channels)
+    engine = Engine(vae, cfg, ctx.rank, ctx.world_size)
+    disc_engine = Engine(disc, cfg, ctx.rank, ctx.world_size, ema=False)
+    window = max(vae.downsampling, round(cfg.data.window_seconds * vae.sample_rate))
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        audio = batch["x"].to(engine.dtype)  # (B, 2, N)
+        recon, kl = engine(audio)  # (B, 2, N), ()
+
+        # discriminator update on the detached reconstruction
+        d_loss = discriminator_hinge(disc_engine(audio), disc_engine(recon.detach()))
+        disc_engine.backward(d_loss)
+        disc_engine.step()
+
+        # generator update through a frozen discriminator
+        disc.requires_grad_(False)
+        real, fake = disc(audio), disc(recon)
+        disc.requires_grad_(True)
+        reconstruction = stereo_stft_loss(recon.float(), audio.float())
+        adversarial = generator_hinge(fake)
+        features = feature_matching(real, fake)
+        loss = reconstruction + KL_WEIGHT * kl + ADV_WEIGHT * adversarial + FEATURE_WEIGHT * features
+        metrics = {
+            "stft": float(reconstruction.detach()),
+            "kl": float(kl.detach()),
+            "adversarial": float(adversarial.detach()),
+            "feature_matching": float(features.detach()),
+            "discriminator": float(d_loss.detach()),
+        }
+        return loss, metrics
+
+    def export(weights: dict[str, torch.Tensor], directory: Path) -> None:
+        model = Autoencoder(vae.cfg)
+        model.load_state_dict(weights)
+        model.save_pretrained(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        (directory / CONFIG_FILE).write_text(json.dumps({**config, "_preset": cfg.model.preset}, indent=2))
+
+    return Task(
+        name="vae",
+        engine=engine,
+        batches=data.batches_from(cfg, urls, window, float(vae.sample_rate), 0.0, ctx.rank, ctx.world_size, "flac"),
+        loss_fn=loss_fn,
+        export=export,
+        aux={"discriminator": disc_engine},
+    )
+
+
+def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
+    return run(build_task(cfg, ctx, restore), cfg, ctx, restore)
