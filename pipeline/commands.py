@@ -55,3 +55,30 @@ def shards_verify(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
     print(json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples}))
     return 0 if report.ok else 1
+
+
+def generate(args: argparse.Namespace) -> int:
+    """``longplay generate``: one wav per prompt, exactly ``--seconds`` long, 44.1 kHz stereo."""
+    import sys
+    from pathlib import Path
+
+    from pipeline import generate as gen
+    from pipeline.cli import UsageError
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise UsageError("give either a prompt or --prompts FILE")
+    prompts = [args.prompt] if args.prompts is None else [p for p in Path(args.prompts).read_text().splitlines() if p]
+    if args.seconds <= 0:
+        raise UsageError("--seconds: must be positive")
+    bundle = gen.load(args.model)
+    outputs = []
+    for i, prompt in enumerate(prompts):
+        (audio,) = bundle.generate(
+            [prompt], args.seconds, args.seconds_start, args.steps, args.cfg, args.seed, args.sampler
+        )
+        path = args.output if args.prompts is None else str(Path(args.output) / f"{i:03d}.wav")
+        gen.write_wav(path, audio, bundle.sample_rate)
+        outputs.append({"prompt": prompt, "seconds": args.seconds, "path": path})
+        print(f"wrote {path} ({args.seconds:g} s)", file=sys.stderr)
+    print(json.dumps(outputs, indent=2))
+    return 0

@@ -59,7 +59,7 @@ def test_misspelled_key_in_a_file_exits_2_naming_the_key(tmp_path):
 
 def test_unbuilt_command_exits_2():
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "generate", "m", "p", "--seconds", "1", "-o", "x.wav"],
+        [sys.executable, "-m", "pipeline.cli", "evaluate", "m", "--prompts", "p", "--reference", "r"],
         capture_output=True,
         text=True,
         timeout=60,

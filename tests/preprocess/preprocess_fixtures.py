@@ -131,7 +131,3 @@ def upload_dir(local: Path, prefix: str) -> None:
 def longplay_argv(*args: str) -> list[str]:
     """argv running ``longplay ARGS`` in a fresh interpreter."""
     return [sys.executable, "-m", "pipeline.cli", *args]
-
-
-def route_preprocess(monkeypatch) -> None:
-    """Kept for the tests that call it: `longplay preprocess` is routed in pipeline/cli.py."""

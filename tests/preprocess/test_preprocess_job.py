@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from preprocess_fixtures import route_preprocess, write_clips
+from preprocess_fixtures import write_clips
 
 from pipeline import cli, shards
 from pipeline.config import ConfigError, PreprocessConfig
@@ -91,12 +91,10 @@ def test_audio_shards_and_augmented_copies(tmp_path):
 
 
 def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
-    route_preprocess(monkeypatch)
     write_clips(tmp_path / "src", 2, seconds=0.3)
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     monkeypatch.setattr(job, "BACKENDS", {**job.BACKENDS, "ray": job.run_local})  # no cluster needed here
-    # overrides before --vae: pipeline/cli.py's parse_args does not take positionals after options (lead: issue 4)
-    assert cli.main(["preprocess", src, out, "max_seconds=-1", "--vae", "preset:tiny"]) == 2
+    assert cli.main(["preprocess", src, out, "--vae", "preset:tiny", "max_seconds=-1"]) == 2  # overrides anywhere
     assert "max_seconds" in capsys.readouterr().err
     assert cli.main(["preprocess", src, out, "--vae", "preset:huge"]) == 2
     assert "--vae" in capsys.readouterr().err

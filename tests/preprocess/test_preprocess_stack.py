@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import pytest
-from preprocess_fixtures import SR44, longplay_argv, route_preprocess, upload_dir, write_clips, write_mixed_inputs
+from preprocess_fixtures import SR44, longplay_argv, upload_dir, write_clips, write_mixed_inputs
 
 from infra import stack
 from pipeline import cli, cluster, shards, storage
@@ -29,18 +29,7 @@ from preprocess import job
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-SPEC_KEYS = {
-    "caption",
-    "seconds_total",
-    "offset_seconds",
-    "source_uri",
-    "source_sha256",
-    "augmentation",
-    "sample_rate",
-    "latent_rate",
-    "vae_id",
-    "meta",
-}
+SPEC_KEYS = set(shards.REQUIRED_META)  # the SPEC §6 field names, kept in one place
 MIXED_OVERRIDES = ["samples_per_shard=4", "num_encoders=2", "batch_size=2"]
 CLIPS_CFG = {"samples_per_shard": 2, "num_encoders": 2, "batch_size": 2}
 CLIPS = 12
@@ -133,8 +122,7 @@ def mixed(local_stack, ray_client_env, ray_on_stack, tmp_path_factory):
     src, out = local_stack.s3_prefix("pp-mixed-src"), local_stack.s3_prefix("pp-mixed-out")
     upload_dir(root, src)
     stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        route_preprocess(mp)
+    with contextlib.redirect_stdout(stdout):
         started = time.monotonic()
         code = cli.main(["preprocess", src, out, *MIXED_OVERRIDES, "--vae", "preset:tiny"])
         print(f"mixed job: {time.monotonic() - started:.1f}s", file=sys.stderr)

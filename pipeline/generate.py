@@ -1,0 +1,142 @@
+"""Generation from a trained bundle (SPEC §8, §11): text + seconds → 44.1 kHz stereo, trimmed to the request.
+
+A bundle is the diffusion export ``longplay train diffusion`` writes (and registers in MLflow)::
+
+    model.safetensors  config.json {"kind": "diffusion", "preset", "latent_rate", "window_seconds", ...}
+    clap/              model.safetensors, tokenizer.json, config.json {"kind": "clap", "preset", "vocab_size"}
+    autoencoder/       model.safetensors, config.json (the VAE the latents were encoded with)
+
+Timing follows the paper: the model samples a latent window at least as long as its training window and is told
+``seconds_start`` / ``seconds_total``; the decoded audio is cut to exactly ``round(seconds * 44100)`` samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.diffusion import sample
+from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.clap import CLAP, build_clap
+from pipeline.models.conditioning import ConditionedDiffusionModel, build_diffusion_model, guided_model_fn
+from pipeline.text import CaptionTokenizer
+
+SAMPLERS = ("dpmpp-3m-sde", "dpmpp-2m", "euler")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _config(directory: Path, kind: str) -> dict[str, Any]:
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("kind") != kind:
+        raise ValueError(f"{directory}: not a {kind} export (kind={config.get('kind')!r})")
+    return config
+
+
+@dataclass
+class Bundle:
+    """A trained model ready to generate: frozen VAE, CLAP text encoder + tokenizer, diffusion model."""
+
+    autoencoder: Autoencoder
+    clap: CLAP
+    tokenizer: CaptionTokenizer
+    diffusion: ConditionedDiffusionModel
+    config: dict[str, Any]
+
+    @property
+    def sample_rate(self) -> int:
+        return self.autoencoder.sample_rate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seconds: float,
+        seconds_start: float = 0.0,
+        steps: int = 50,
+        cfg_scale: float = 6.0,
+        seed: int = 0,
+        sampler: str = "dpmpp-3m-sde",
+    ) -> list[np.ndarray]:
+        """One float32 array (2, round(seconds * 44100)) per prompt; the same seed gives the same audio."""
+        if seconds <= 0:
+            raise ValueError("seconds: must be positive")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        return [self._one(p, seconds, seconds_start, steps, cfg_scale, seed, sampler) for p in prompts]
+
+    def _one(
+        self, prompt: str, seconds: float, seconds_start: float, steps: int, cfg_scale: float, seed: int, sampler: str
+    ) -> np.ndarray:
+        # One prompt per sampling call: its noise then depends only on the seed, not on the rest of the batch.
+        rate = float(self.config["latent_rate"])
+        window = max(1, round(float(self.config.get("window_seconds", seconds)) * rate))
+        frames = max(window, math.ceil(seconds * rate))
+        ids, mask = self.tokenizer.encode_batch([prompt], max_length=self.clap.config.text.max_tokens)
+        tokens, token_mask = self.clap.text_conditioning(torch.from_numpy(ids), torch.from_numpy(mask))
+        model_fn = guided_model_fn(
+            self.diffusion,
+            tokens,
+            token_mask,
+            torch.tensor([float(math.floor(seconds_start))]),
+            torch.tensor([float(math.ceil(seconds_start + seconds))]),  # the paper's ceil(duration)
+            cfg_scale,
+        )
+        latents = sample(model_fn, (1, self.autoencoder.latent_channels, frames), steps, sampler, seed=seed)
+        audio = self.autoencoder.decode(latents).clamp(-1, 1)[0]  # (2, frames * downsampling)
+        return audio[:, : round(seconds * self.sample_rate)].float().numpy()
+
+
+def _load_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Load exported (EMA) weights: every parameter must be there; non-persistent state may be absent."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    params = {name for name, _ in model.named_parameters()}
+    if unexpected or params & set(missing):
+        raise ValueError(
+            f"{where}: weights do not fit the preset (missing {sorted(params & set(missing))[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def load(uri: str) -> Bundle:
+    """A bundle from a local directory, an s3:// prefix or an MLflow model URI (``models:/name@alias``)."""
+    from pipeline.tracking import download_model
+
+    root = download_model(uri)
+    config = _config(root, "diffusion")
+    clap_config = _config(root / "clap", "clap")
+    clap = build_clap(clap_config["preset"], vocab_size=int(clap_config["vocab_size"]))
+    clap.load_state_dict(_weights(root / "clap" / "model.safetensors"), strict=True)
+    diffusion = build_diffusion_model(config["preset"])
+    _load_parameters(diffusion, _weights(root / "model.safetensors"), root)
+    return Bundle(
+        autoencoder=Autoencoder.from_pretrained(str(root / "autoencoder")).eval(),
+        clap=clap.eval(),
+        tokenizer=CaptionTokenizer.load(root / "clap" / "tokenizer.json"),
+        diffusion=diffusion.eval(),
+        config=config,
+    )
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
+    """(2, N) float32 → 24-bit PCM wav (local path or s3://)."""
+    import io
+
+    import soundfile as sf
+
+    from pipeline import storage
+
+    buf = io.BytesIO()
+    sf.write(buf, audio.T, sample_rate, format="WAV", subtype="PCM_24")
+    storage.write_bytes(path, buf.getvalue())
+    return Path(path)
