@@ -36,9 +36,11 @@ PRESET_SEED = 0  # "preset:NAME" VAEs are freshly initialised from this seed, th
 def load_vae(uri: str) -> Autoencoder:
     """The frozen VAE: ``preset:NAME`` (initialised from :data:`PRESET_SEED`), a local/s3:// export or models:/…"""
     if uri.startswith("preset:"):
+        # "preset:tiny" or the vae_id preprocessing records for it, "preset:tiny@seed0"
+        name, _, seed = uri.removeprefix("preset:").partition("@seed")
         with torch.random.fork_rng():
-            torch.manual_seed(PRESET_SEED)
-            vae = build_autoencoder(uri.removeprefix("preset:"))
+            torch.manual_seed(int(seed) if seed else PRESET_SEED)
+            vae = build_autoencoder(name)
     elif uri.startswith(("models:/", "runs:/")):
         vae = Autoencoder.from_pretrained(download_model(uri))
     else:
