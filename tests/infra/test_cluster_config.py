@@ -84,14 +84,15 @@ def test_manifest_parses_and_has_required_fields(path):
 
 def test_runbook_commands_exist():
     """Every `longplay ...` line of the README parses with the real CLI (the runbook cannot drift from it)."""
-    from pipeline.cli import build_parser
+    import shlex
+
+    from pipeline.cli import build_parser, parse_args
 
     parser = build_parser()
     lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
-    commands = [line.split("#")[0].split()[1:] for line in lines if line.startswith("longplay ")]
-    assert len(commands) >= 5
+    commands = [shlex.split(line.split(" #")[0])[1:] for line in lines if line.startswith("longplay ")]
+    assert len(commands) >= 9
     for argv in commands:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
         if argv[0] == "submit":  # the submitted command must parse too
-            inner = args.argv[args.argv.index("longplay") + 1 :]
-            parser.parse_args(inner)
+            parse_args(parser, args.argv[args.argv.index("longplay") + 1 :])
