@@ -61,6 +61,8 @@ RAY_PORTS = (
     "object-manager-port",
 )
 SERVICES = ("s3", "mlflow", "ray")
+# Local services never phone home (SeaweedFS: -master.telemetry=false; Ray: --disable-usage-stats; MLflow: these).
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
 class StackError(RuntimeError):
@@ -334,7 +336,7 @@ def _start_s3(state_dir: Path, state: StackState, access: str, secret: str) -> N
 
 
 def _start_mlflow(state_dir: Path, state: StackState) -> None:
-    env = {**os.environ, **stack_env(state_dir), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **stack_env(state_dir), **NO_TELEMETRY, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [
         _bin("mlflow"),
         "server",
@@ -375,6 +377,7 @@ def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
+        **NO_TELEMETRY,  # inherited by every Ray worker and job driver of the stack
         # Job drivers find `python` and `longplay` of this installation first.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }

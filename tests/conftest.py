@@ -43,8 +43,9 @@ class LocalStack:
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
     state_dir = tmp_path_factory.mktemp("stack")
-    saved = {k: os.environ.get(k) for k in STANDARD_VARS}
+    saved = {k: os.environ.get(k) for k in (*STANDARD_VARS, *stack_mod.NO_TELEMETRY)}
     try:
+        os.environ.update(stack_mod.NO_TELEMETRY)  # the MLflow client in this process stays quiet too
         env = stack_mod.up(state_dir, num_cpus=2, preferred_ports=False)
         os.environ.update(env)
         yield LocalStack(state_dir, env)
