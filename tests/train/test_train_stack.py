@@ -99,8 +99,11 @@ def test_relaunch_with_the_same_name_resumes(clap_run, train_config) -> None:
     assert result.metrics["step"] == 25
 
 
-def _kill_one_worker_after(run_name: str, step: int, stop: threading.Event) -> list[int]:
-    """Once the run has logged ``step`` (so the checkpoint before it is registered), SIGKILL one Ray Train worker."""
+def _kill_one_worker_after(
+    run_name: str, step: int, stop: threading.Event, snapshot: str, checkpoint: str
+) -> list[int]:
+    """Once the run has logged ``step`` and Ray Train's snapshot names ``checkpoint`` (registered, so a restart
+    resumes from it), SIGKILL one Ray Train worker."""
     from ray.util.state import list_actors
 
     killed: list[int] = []
@@ -109,9 +112,12 @@ def _kill_one_worker_after(run_name: str, step: int, stop: threading.Event) -> l
         runs = _runs(run_name)
         return max((s for s, _ in _history(runs[0].info.run_id, "loss")), default=0) if runs else 0
 
+    def registered() -> bool:
+        return storage.exists(snapshot) and checkpoint in storage.read_text(snapshot)
+
     def watch() -> None:
         while not stop.is_set():
-            if logged_step() >= step:
+            if logged_step() >= step and registered():
                 actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 pids = sorted(a.pid for a in actors if a.pid)
                 if pids:
@@ -145,7 +151,8 @@ def test_diffusion_zero3_from_registered_clap_survives_a_killed_worker(
         deepspeed__lr=3e-3,
     )
     stop = threading.Event()
-    killed = _kill_one_worker_after("t-diffusion", 15, stop)  # after the step-10 checkpoint
+    snapshot = storage.join(checkpoints, "t-diffusion", "checkpoint_manager_snapshot.json")
+    killed = _kill_one_worker_after("t-diffusion", 15, stop, snapshot, "checkpoint_00000010")
     try:
         result = launch(cfg)
     finally:
