@@ -1,4 +1,4 @@
-"""Handlers for ``longplay stack up|down|status``."""
+"""Handlers for ``longplay stack up|down|status|join|leave``, ``longplay submit`` and ``longplay jobs``."""
 
 from __future__ import annotations
 
@@ -49,7 +49,32 @@ def stack_status(args: argparse.Namespace) -> int:
     }
     for name, ok in health.items():
         print(f"{name:8s} {'healthy' if ok else 'DOWN':8s} {urls[name]}")
-    return 0 if all(health.values()) else 1
+    nodes = stack.node_health(state_dir)
+    for name, ok in nodes.items():
+        print(f"{name:8s} {'healthy' if ok else 'DOWN':8s} Ray node joined to the head")
+    return 0 if all(health.values()) and all(nodes.values()) else 1
+
+
+def stack_join(args: argparse.Namespace) -> int:
+    """Start another Ray node on this machine, joined to the stack's head (a local two-node cluster)."""
+    try:
+        name = stack.join(Path(args.state_dir), num_cpus=args.num_cpus)
+    except stack.StackError as err:
+        print(f"longplay: stack join failed: {err}", file=sys.stderr)
+        return 1
+    print(f"joined {name} ({args.num_cpus} CPUs) to the Ray head; `longplay stack leave {name}` stops it")
+    return 0
+
+
+def stack_leave(args: argparse.Namespace) -> int:
+    """Stop a node ``stack join`` started (all of them without a name); the head and services stay up."""
+    try:
+        stopped = stack.leave(Path(args.state_dir), args.name)
+    except stack.StackError as err:
+        print(f"longplay: stack leave failed: {err}", file=sys.stderr)
+        return 1
+    print("stopped: " + (", ".join(stopped) if stopped else "no joined node was running"), file=sys.stderr)
+    return 0
 
 
 def submit(args: argparse.Namespace) -> int:

@@ -14,6 +14,10 @@ health. State lives under one directory (default ``.longplay/``)::
 Each service runs in its own session (``start_new_session``), so its whole process tree shares one process group
 and ``down`` can signal that group and nothing else. The Ray auth token is Ray's own: ``~/.ray/auth_token``,
 generated with ``ray get-auth-token --generate`` when missing, found by every Ray client on this machine.
+
+``join`` adds a second (third, ...) Ray node on this machine: its own raylet, object store, agents, ports and temp
+dir, also on 127.0.0.1, joined to the head with the same token and environment (``infra.raynode`` explains why plain
+``ray start --address`` cannot keep 127.0.0.1). ``leave`` (and ``down``) stop the nodes ``join`` started.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class StackState:
     ports: dict[str, int] = field(default_factory=dict)
     pgids: dict[str, int] = field(default_factory=dict)
     ray_temp_dir: str = ""
+    # joined Ray nodes: name ("node1", ...) → {"pgid": process group, "temp_dir": Ray temp dir, "ports": {flag: port}}
+    nodes: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state_dir: Path) -> StackState:
@@ -365,11 +371,8 @@ def _ensure_ray_token() -> None:
     os.chmod(token, 0o600)
 
 
-def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None:
-    _ensure_ray_token()
-    # Ray's unix socket paths must stay short, so its temp dir is /tmp/lp-<hash of the state dir>.
-    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
-    state.ray_temp_dir = f"/tmp/lp-{digest}"  # noqa: S108
+def _ray_env(state_dir: Path) -> dict[str, str]:
+    """The environment of every Ray node of the stack (head and joined), inherited by its workers and job drivers."""
     env = {
         **os.environ,
         **stack_env(state_dir),
@@ -382,6 +385,14 @@ def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS")
+    return env
+
+
+def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None:
+    _ensure_ray_token()
+    # Ray's unix socket paths must stay short, so its temp dir is /tmp/lp-<hash of the state dir>.
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    state.ray_temp_dir = f"/tmp/lp-{digest}"  # noqa: S108
     cmd = [
         _bin("ray"),
         "start",
@@ -399,7 +410,7 @@ def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None
         *(f"--{flag}={state.ports['ray_' + flag]}" for flag in RAY_PORTS),
     ]
     log = state_dir / "logs" / "ray.log"
-    state.pgids["ray"] = _spawn(cmd, log, env)
+    state.pgids["ray"] = _spawn(cmd, log, _ray_env(state_dir))
     state.save(state_dir)
     _wait("Ray head", lambda: _healthy(state, "ray"), 180, state.pgids["ray"], log)
 
@@ -484,10 +495,10 @@ def _stop_group(pgid: int | None, timeout: float = 8.0) -> None:
 
 
 def down(state_dir: Path) -> list[str]:
-    """Stop every service ``up`` started under ``state_dir``; returns the names stopped."""
+    """Stop the nodes ``join`` added and the services ``up`` started under ``state_dir``; returns the names stopped."""
     state_dir = state_dir.resolve()
+    stopped = leave(state_dir)  # joined nodes before the head they belong to
     state = StackState.load(state_dir)
-    stopped = []
     for name in reversed(SERVICES):  # Ray first: its jobs may still write to S3 and MLflow
         pgid = state.pgids.pop(name, None)
         if pgid is not None and _group_alive(pgid):
@@ -499,7 +510,88 @@ def down(state_dir: Path) -> list[str]:
     return stopped
 
 
+# ----------------------------------------------------------------------------------------------- joined nodes
+def join(state_dir: Path, num_cpus: int = 1) -> str:
+    """Start one more Ray node on this machine, joined to the stack's head; return its name (``node1``, ...).
+
+    The node gets its own raylet, object store, agents, free ports and temp dir, all on 127.0.0.1, and the head's
+    environment (endpoints, credentials, single-machine mode); the token is Ray's own ``~/.ray/auth_token``. On a
+    real cluster the same is ``ray start --address=HEAD:6379`` on another machine.
+    """
+    state_dir = state_dir.resolve()
+    state = StackState.load(state_dir)
+    if not state.ports or not _healthy(state, "ray"):
+        raise StackError(f"no healthy Ray head under {state_dir}; run `longplay stack up` first")
+    number = 1 + max((int(n.removeprefix("node")) for n in state.nodes), default=0)
+    name = f"node{number}"
+    node = {"pgid": 0, "temp_dir": f"{state.ray_temp_dir}-{name}", "ports": {}}
+    log = state_dir / "logs" / f"ray-{name}.log"
+    for attempt in range(3):  # free ports are picked before the raylet binds them: another process may win the race
+        taken = set(state.ports.values()) | {p for n in state.nodes.values() for p in n["ports"].values()}
+        for flag in RAY_PORTS:
+            node["ports"][flag] = free_port(taken)
+            taken.add(node["ports"][flag])
+        cmd = [
+            sys.executable,
+            "-m",
+            "infra.raynode",
+            "start",
+            "--block",
+            f"--address={HOST}:{state.ports['ray_gcs']}",
+            f"--node-ip-address={HOST}",
+            f"--temp-dir={node['temp_dir']}",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+            *(f"--{flag}={port}" for flag, port in node["ports"].items()),
+        ]
+        node["pgid"] = _spawn(cmd, log, _ray_env(state_dir))
+        state.nodes[name] = node
+        state.save(state_dir)
+        try:
+            _wait(f"Ray {name}", lambda: _node_healthy(node), 180, node["pgid"], log)
+            return name
+        except StackError:
+            _stop_group(node["pgid"])
+            if attempt == 2:
+                del state.nodes[name]
+                state.save(state_dir)
+                shutil.rmtree(node["temp_dir"], ignore_errors=True)
+                raise
+    raise AssertionError("unreachable")
+
+
+def _node_healthy(node: dict) -> bool:
+    """A joined node is up when its raylet and its runtime-env agent (which jobs' workers need) hold their ports."""
+    pgid, ports = node["pgid"], node["ports"]
+    return _owns_port(pgid, ports["node-manager-port"]) and _owns_port(pgid, ports["runtime-env-agent-port"])
+
+
+def node_health(state_dir: Path) -> dict[str, bool]:
+    """Joined node name → healthy."""
+    return {name: _node_healthy(node) for name, node in StackState.load(state_dir.resolve()).nodes.items()}
+
+
+def leave(state_dir: Path, name: str | None = None) -> list[str]:
+    """Stop the joined node ``name`` (default: all of them); returns the names stopped. The head stays up."""
+    state_dir = state_dir.resolve()
+    state = StackState.load(state_dir)
+    if name is not None and name not in state.nodes:
+        raise StackError(f"{name}: no such joined node (joined: {', '.join(state.nodes) or 'none'})")
+    if not state.nodes:
+        return []
+    stopped = []
+    for node_name in [name] if name else list(state.nodes):
+        node = state.nodes.pop(node_name)
+        if _group_alive(node["pgid"]):
+            _stop_group(node["pgid"])
+            stopped.append(node_name)
+        shutil.rmtree(node["temp_dir"], ignore_errors=True)
+    state.save(state_dir)
+    return stopped
+
+
 def listening_pids(state_dir: Path) -> set[int]:
     """Every live pid in the stack's process groups (for tests and ``status``)."""
     state = StackState.load(state_dir.resolve())
-    return {pid for pgid in state.pgids.values() for pid in _group_members(pgid)}
+    pgids = [*state.pgids.values(), *(node["pgid"] for node in state.nodes.values())]
+    return {pid for pgid in pgids for pid in _group_members(pgid)}

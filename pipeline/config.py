@@ -45,6 +45,9 @@ class ScalingSection(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK onto few nodes, or SPREAD over nodes"
+    )
 
 
 class DeepSpeedSection(Section):
@@ -110,6 +113,9 @@ class PreprocessConfig(Section):
     num_encoders: int = Field(1, ge=1, description="VAE actors in the Ray pool")
     cpus_per_encoder: float = Field(0.5, gt=0, description="CPUs per VAE actor (fractional on CPU)")
     use_gpu: bool = Field(False, description="one GPU per VAE actor")
+    scheduling: Literal["SPREAD", "DEFAULT"] = Field(
+        "SPREAD", description="Ray placement of the VAE actors: SPREAD over nodes, or Ray's DEFAULT (packs)"
+    )
     chunk_seconds: float = Field(30.0, gt=0, description="chunked VAE encode window for long segments")
     augment: AugmentSection = AugmentSection()
 

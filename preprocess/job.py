@@ -117,6 +117,7 @@ def run_ray(plans: list[ShardPlan], out: str, cfg: PreprocessConfig, vae: VaeSpe
     actor_cls = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_encoder,
         num_gpus=1 if cfg.use_gpu else 0,
+        scheduling_strategy=cfg.scheduling,  # SPREAD: a lost node then costs the shards of fewer actors
         max_restarts=-1,
         max_task_retries=SHARD_RETRIES,
     )
