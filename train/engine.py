@@ -12,13 +12,23 @@ directory that Ray Train persists::
 
 Every rank writes its own files into its own directory; Ray Train merges the directories of all ranks into one
 checkpoint, and on restore every rank sees the merged directory.
+
+No pickle on load. DeepSpeed writes its ``*.pt`` files with ``torch.save`` and its default checkpoint engine reads
+them back with ``torch.load(weights_only=False)``, i.e. full unpickling: a tampered checkpoint could run code. We
+keep DeepSpeed's file layout (it differs per ZeRO stage and precision, and DeepSpeed alone knows how to re-partition
+it) but install a checkpoint engine whose ``load`` is ``torch.load(weights_only=True)`` with an explicit allow-list,
+:data:`DEEPSPEED_SAFE_GLOBALS`: the four plain-data classes DeepSpeed puts into its optimizer files. Anything else
+in a file is refused; there is no fallback to full unpickling. DeepSpeed's offline recovery scripts
+(``zero_to_fp32.py``, which unpickle) are not kept in our checkpoints.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,17 @@ from pipeline.config import DeepSpeedSection, TrainConfig
 DS_TAG = "state"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
+
+# The only non-tensor globals DeepSpeed (0.19) writes into its checkpoint files beyond torch's own weights-only set,
+# found with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 x fp32/bf16 (+ fp16's scaler). Each
+# is plain data: the weights-only unpickler creates it with ``cls.__new__`` and fills ``__dict__`` (none defines
+# ``__setstate__``), or, for the int enum, looks the member up by value. None runs code of the file's choosing.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # ZeRO 1-3 optimizer files: the static scaler (1 on fp32/bf16)
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # the same under fp16 (GPU): scale, window, counters
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO 1-2 param slice mappings: dataclass(numel, start)
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # the ZeRO stage, an int Enum
+)
 
 
 # ----------------------------------------------------------------------------------------------- schedule (pure)
@@ -70,6 +91,42 @@ def deepspeed_config(ds: DeepSpeedSection, world_size: int, use_gpu: bool) -> di
     elif ds.precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return config
+
+
+# ----------------------------------------------------------------------------------------------- pickle-free loading
+def _safe_globals() -> list[type]:
+    classes = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+def load_weights_only(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of a DeepSpeed checkpoint file; the only extra globals allowed are
+    :data:`DEEPSPEED_SAFE_GLOBALS`. A file that needs anything else raises ``pickle.UnpicklingError``."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            # torch's message suggests weights_only=False; we never do that, so name only what was refused.
+            reason = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler" in line), str(err))
+            raise pickle.UnpicklingError(f"{path}: refused (weights-only load): {reason}") from err
+
+
+def _pickle_free_checkpoint_engine(engine: Any) -> Any:
+    """DeepSpeed's own torch checkpoint engine (same files, same saving) whose ``load`` is :func:`load_weights_only`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        # Our deepspeed_config never picks another engine (nebula, fast/decoupled writers); refuse rather than guess.
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_weights_only(path, map_location)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
 
 
 # ----------------------------------------------------------------------------------------------- EMA
@@ -150,6 +207,8 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
+        # Every DeepSpeed read of a checkpoint file (model, optimizer, ZeRO partitions) goes through this engine.
+        self.engine.checkpoint_engine = _pickle_free_checkpoint_engine(self.engine)
         self.zero3 = ds.zero_stage == 3
         self._grad_norm: float | None = None
         self.ema: EMA | None = None
@@ -242,6 +301,9 @@ class Engine:
         """Write this rank's part of the training state into ``directory`` (every rank calls it)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG, save_latest=False)
+        # DeepSpeed copies in its offline tools (zero_to_fp32.py, ...), which unpickle; our exports are safetensors.
+        for script in (directory / "deepspeed").glob("zero_to_*.py"):
+            script.unlink()
         if self.rank == 0:
             if self.ema is not None:
                 self.ema.save(directory / EMA_FILE)
@@ -249,7 +311,10 @@ class Engine:
             (directory / STATE_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
 
     def load(self, directory: Path) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler, step and EMA from a merged checkpoint directory; returns the state."""
+        """Restore model, optimizer, scheduler, step and EMA from a merged checkpoint directory; returns the state.
+
+        DeepSpeed's files are read weights-only (see the module docstring), the EMA from safetensors, the state as JSON.
+        """
         path, _ = self.engine.load_checkpoint(
             str(directory / "deepspeed"), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
