@@ -207,7 +207,7 @@ def _wait(what: str, check, timeout: float, pgid: int, log: Path) -> None:
     while time.monotonic() < deadline:
         if check():
             return
-        if not _group_alive(pgid):
+        if not _group_alive(pgid) or not _leader_alive(pgid):  # the process we started has exited: no wait helps
             break
         time.sleep(0.5)
     tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
@@ -287,9 +287,23 @@ def _healthy(state: StackState, name: str) -> bool:
         return _tcp_open(state, "s3")
     if name == "mlflow":
         return _http_ok(f"http://{HOST}:{state.ports['mlflow']}/health")
-    return _owns_port(pgid, state.ports["ray_gcs"]) and _http_ok(
-        f"http://{HOST}:{state.ports['ray_dashboard']}/api/version", _ray_auth_header()
+    # GCS and dashboard can come up while the raylet does not (seen under load: `ray start` then exits with "node
+    # timed out during startup" and every client hangs): the raylet's port and a live `ray start` count too.
+    return (
+        _leader_alive(pgid)
+        and _owns_port(pgid, state.ports["ray_gcs"])
+        and _owns_port(pgid, state.ports["ray_node-manager-port"])
+        and _http_ok(f"http://{HOST}:{state.ports['ray_dashboard']}/api/version", _ray_auth_header())
     )
+
+
+def _leader_alive(pgid: int) -> bool:
+    """The group's leader (the process we spawned) still runs: not exited, not a zombie."""
+    try:
+        state = (Path("/proc") / str(pgid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def _ray_auth_header() -> dict[str, str]:

@@ -29,22 +29,15 @@ def _handler(path: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), name)
 
 
-NOT_BUILT = "pipeline.cli:not_built"
-
-
-def not_built(args: argparse.Namespace) -> int:
-    raise UsageError(f"`longplay {args.command_name}` is not built yet ({args.issue})")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longplay", description="Stable Audio as a distributed training system")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(parent, name: str, handler: str, help: str, issue: str = "") -> argparse.ArgumentParser:
-        """Add a subcommand; ``issue`` marks one whose stage is not built yet (it exits 2 saying so)."""
+    def command(parent, name: str, handler: str, help: str) -> argparse.ArgumentParser:
+        """Add a subcommand run by ``handler`` ("module:function")."""
         p = parent.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler, command_name=p.prog.removeprefix("longplay "), issue=issue)
+        p.set_defaults(handler=handler, command_name=p.prog.removeprefix("longplay "))
         return p
 
     # stack ------------------------------------------------------------------------------------------------
@@ -55,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
         if name == "up":
             p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
+    p = command(stack_sub, "join", "infra.cli:stack_join", "start another Ray node here, joined to the stack's head")
+    p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
+    p.add_argument("--num-cpus", type=int, default=1, help="CPUs the joined node offers (default: 1)")
+    p = command(stack_sub, "leave", "infra.cli:stack_leave", "stop nodes `stack join` started (all without NAME)")
+    p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
+    p.add_argument("name", nargs="?", default=None, help="a joined node (node1, ...)")
 
     # data ------------------------------------------------------------------------------------------------
     data = sub.add_parser("data", help="datasets")
@@ -103,10 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="dpmpp-3m-sde", choices=["dpmpp-3m-sde", "dpmpp-2m", "euler"])
     p.add_argument("-o", "--output", required=True, help="F.wav (or a directory with --prompts)")
-    p = command(sub, "evaluate", NOT_BUILT, "the paper's metrics for a model", issue="issue 6")
-    p.add_argument("model")
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--reference", required=True)
+    p = command(sub, "evaluate", "pipeline.evaluate:evaluate_command", "generate for a prompt file, then the metrics")
+    p.add_argument("model", help="bundle: local dir, s3:// prefix or models:/name@alias")
+    p.add_argument("--prompts", required=True, help=".jsonl rows {id, prompt, seconds} or one prompt per line")
+    p.add_argument("--reference", help="audio shards (preprocess --vae none) or a folder of audio files")
+    p.add_argument("--out", help="where generated/*.wav and report.json go (default: a new temp dir)")
+    p.add_argument("--config", help="evaluate YAML (steps, cfg_scale, sampler, embedder weights, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
 
     # config ----------------------------------------------------------------------------------------------
     config = sub.add_parser("config", help="configuration files")
@@ -127,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(models_sub, "summary", "pipeline.commands:models_summary", "parameter counts of a preset")
     p.add_argument("preset", choices=["tiny", "sa1", "sa-open"])
     p.add_argument("--json", action="store_true")
-    command(sub, "demo", NOT_BUILT, "the end-to-end demo", issue="issue 6")
+    p = command(sub, "demo", "infra.demo:demo_command", "the whole system on the demo music dataset")
+    p.add_argument("--state-dir", default=".longplay", help="stack state; the demo writes under STATE_DIR/demo")
+    p.add_argument("--minutes", type=float, default=None, help="minutes of music to render (default: the preset's)")
+    p.add_argument("--quick", action="store_true", help="a smaller run for tests: fewer minutes and steps")
     return parser
 
 

@@ -123,6 +123,30 @@ class PreprocessConfig(Section):
 C = TypeVar("C", bound=BaseModel)
 
 
+class EmbedderSection(Section):
+    """Local weights of the paper's embedders; unset (or not loadable here) means the documented fallback."""
+
+    openl3_weights: str | None = Field(None, description="openl3_audio_mel256_music.h5 (FD_openl3)")
+    passt_weights: str | None = Field(None, description="PaSST-S AudioSet state dict (KL_passt)")
+    laion_clap_checkpoint: str | None = Field(None, description="630k-audioset-fusion-best.pt (CLAP score)")
+
+
+class EvaluateConfig(Section):
+    """`longplay evaluate`: how to generate, which embedders, where the MLflow run goes."""
+
+    steps: int = Field(50, ge=1, description="sampler steps")
+    cfg_scale: float = Field(6.0, ge=0, description="classifier-free guidance scale")
+    sampler: Literal["dpmpp-3m-sde", "dpmpp-2m", "euler"] = Field("dpmpp-3m-sde", description="sampler")
+    seed: int = Field(0, description="sampling seed (the same for every prompt)")
+    seconds: float = Field(10.0, gt=0, description="length for prompts that do not give their own")
+    kl_direction: Literal["reference||generated", "generated||reference"] = Field(
+        "reference||generated", description="KL(p||q) order; stable-audio-metrics' code uses generated||reference"
+    )
+    experiment: str = Field("longplay", description="MLflow experiment of the evaluation run")
+    run_name: str = Field("evaluate", description="MLflow run name")
+    embedders: EmbedderSection = EmbedderSection()
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["run.max_steps=5", "data.shards=s3://b/x"]`` → nested dict; values parsed as YAML scalars."""

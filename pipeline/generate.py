@@ -36,11 +36,24 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _config(directory: Path, kind: str) -> dict[str, Any]:
+def _config(directory: Path, kind: str, source: str | None = None) -> dict[str, Any]:
     config = json.loads((directory / "config.json").read_text())
     if config.get("kind") != kind:
-        raise ValueError(f"{directory}: not a {kind} export (kind={config.get('kind')!r})")
+        raise ValueError(f"{source or directory}: not a {kind} export (kind={config.get('kind')!r})")
     return config
+
+
+def load_clap(uri: str) -> tuple[CLAP, CaptionTokenizer, dict[str, Any]]:
+    """A trained CLAP export (local dir, s3:// prefix, models:/…; also a bundle's ``clap/``) → the frozen model
+    (eval, no grads), its caption tokenizer and its config. The one CLAP loader: generation and diffusion training."""
+    from pipeline.tracking import download_model
+
+    directory = download_model(uri)
+    config = _config(directory, "clap", source=uri)
+    clap = build_clap(config["preset"], vocab_size=int(config["vocab_size"]))
+    clap.load_state_dict(_weights(directory / "model.safetensors"), strict=True)
+    tokenizer = CaptionTokenizer.load(directory / "tokenizer.json")
+    return clap.eval().requires_grad_(False), tokenizer, config
 
 
 @dataclass
@@ -67,16 +80,28 @@ class Bundle:
         cfg_scale: float = 6.0,
         seed: int = 0,
         sampler: str = "dpmpp-3m-sde",
+        trim: bool = True,
     ) -> list[np.ndarray]:
-        """One float32 array (2, round(seconds * 44100)) per prompt; the same seed gives the same audio."""
+        """One float32 array (2, round(seconds * 44100)) per prompt; the same seed gives the same audio.
+
+        ``trim=False`` returns the model's whole output window instead (at least the training window), which is what
+        timing accuracy measures: content running past the requested length is visible only there."""
         if seconds <= 0:
             raise ValueError("seconds: must be positive")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
-        return [self._one(p, seconds, seconds_start, steps, cfg_scale, seed, sampler) for p in prompts]
+        return [self._one(p, seconds, seconds_start, steps, cfg_scale, seed, sampler, trim) for p in prompts]
 
     def _one(
-        self, prompt: str, seconds: float, seconds_start: float, steps: int, cfg_scale: float, seed: int, sampler: str
+        self,
+        prompt: str,
+        seconds: float,
+        seconds_start: float,
+        steps: int,
+        cfg_scale: float,
+        seed: int,
+        sampler: str,
+        trim: bool = True,
     ) -> np.ndarray:
         # One prompt per sampling call: its noise then depends only on the seed, not on the rest of the batch.
         rate = float(self.config["latent_rate"])
@@ -94,7 +119,7 @@ class Bundle:
         )
         latents = sample(model_fn, (1, self.autoencoder.latent_channels, frames), steps, sampler, seed=seed)
         audio = self.autoencoder.decode(latents).clamp(-1, 1)[0]  # (2, frames * downsampling)
-        return audio[:, : round(seconds * self.sample_rate)].float().numpy()
+        return (audio[:, : round(seconds * self.sample_rate)] if trim else audio).float().numpy()
 
 
 def _load_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
@@ -113,16 +138,14 @@ def load(uri: str) -> Bundle:
     from pipeline.tracking import download_model
 
     root = download_model(uri)
-    config = _config(root, "diffusion")
-    clap_config = _config(root / "clap", "clap")
-    clap = build_clap(clap_config["preset"], vocab_size=int(clap_config["vocab_size"]))
-    clap.load_state_dict(_weights(root / "clap" / "model.safetensors"), strict=True)
+    config = _config(root, "diffusion", source=uri)
+    clap, tokenizer, _ = load_clap(str(root / "clap"))
     diffusion = build_diffusion_model(config["preset"])
     _load_parameters(diffusion, _weights(root / "model.safetensors"), root)
     return Bundle(
         autoencoder=Autoencoder.from_pretrained(str(root / "autoencoder")).eval(),
-        clap=clap.eval(),
-        tokenizer=CaptionTokenizer.load(root / "clap" / "tokenizer.json"),
+        clap=clap,
+        tokenizer=tokenizer,
         diffusion=diffusion.eval(),
         config=config,
     )

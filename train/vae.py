@@ -28,6 +28,7 @@ from train.engine import Engine
 from train.loop import RankContext, Task, run
 from train.vae_losses import (
     ADV_WEIGHT,
+    DISC_WIDTH,
     FEATURE_WEIGHT,
     KL_WEIGHT,
     STFTDiscriminator,
@@ -46,7 +47,7 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         raise ValueError("deepspeed.zero_stage: the VAE's two alternating engines support ZeRO stages 0-2")
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     vae = build_autoencoder(cfg.model.preset)
-    disc = STFTDiscriminator(vae.cfg.audio_channels)
+    disc = STFTDiscriminator(vae.cfg.audio_channels, width=DISC_WIDTH[cfg.model.preset])
     engine = Engine(vae, cfg, ctx.rank, ctx.world_size)
     disc_engine = Engine(disc, cfg, ctx.rank, ctx.world_size, ema=False)
     window = max(vae.downsampling, round(cfg.data.window_seconds * vae.sample_rate))

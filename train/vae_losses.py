@@ -13,6 +13,9 @@ from torch import nn
 
 STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # reconstruction resolutions (hop = n_fft / 4)
 DISC_SIZES = (2048, 1024, 512)  # discriminator resolutions
+# Conv width of the discriminator per model preset. Its cost grows with width² at every STFT bin and frame, so the
+# tiny preset (CPU tests, the demo) uses 8: width 32 costs ~30 s per step of 4 x 2 s on one CPU core, width 8 ~1 s.
+DISC_WIDTH = {"tiny": 8, "sa1": 32, "sa-open": 32}
 KL_WEIGHT, ADV_WEIGHT, FEATURE_WEIGHT = 1e-4, 0.1, 5.0
 
 

@@ -10,7 +10,6 @@ another namespace cannot reach (docs/architecture.md, "A local two-node cluster"
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -26,7 +25,6 @@ import psutil
 import pytest
 import soundfile as sf
 
-from infra import cli as infra_cli
 from infra import stack
 from pipeline import storage
 
@@ -155,17 +153,19 @@ def _wait_for(what: str, check, timeout: float, submit: Submit | None = None):
 def two_nodes(local_stack):
     """`longplay stack join --num-cpus 1` on the session stack; yields (head node id, joined node id, node record).
 
-    The handler is called as the CLI routes `longplay stack join|leave` (infra.cli); the node is stopped even when
-    the test fails, and only its own process group is signalled.
+    Run through the CLI exactly as the README's runbook shows; the node is stopped even when the test fails, and
+    only its own process group is signalled.
     """
     from pipeline import cluster
 
     cluster.prepare_client_env()
     client = cluster.job_client()
     state, address = _state(client)
-    args = argparse.Namespace(state_dir=str(local_stack.state_dir), num_cpus=1, name=None)
+    state_dir = ["--state-dir", str(local_stack.state_dir)]
+    cli = [sys.executable, "-m", "pipeline.cli", "stack"]
     try:
-        assert infra_cli.stack_join(args) == 0
+        joined = subprocess.run([*cli, "join", *state_dir, "--num-cpus", "1"], capture_output=True, text=True, cwd=REPO)
+        assert joined.returncode == 0, joined.stderr[-2000:]
         (name,) = stack.StackState.load(local_stack.state_dir).nodes
         nodes = _wait_for(
             "the joined node registers",
@@ -177,7 +177,7 @@ def two_nodes(local_stack):
         assert nodes[0].resources_total["CPU"] == 1, nodes
         yield head.node_id, nodes[0].node_id, stack.StackState.load(local_stack.state_dir).nodes[name]
     finally:
-        infra_cli.stack_leave(args)
+        subprocess.run([*cli, "leave", *state_dir], capture_output=True, timeout=120, cwd=REPO)
     assert stack.StackState.load(local_stack.state_dir).nodes == {}
 
 

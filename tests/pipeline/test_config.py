@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PreprocessConfig, TrainConfig, flatten, load_config, parse_overrides
+from pipeline.config import (
+    ConfigError,
+    EvaluateConfig,
+    PreprocessConfig,
+    TrainConfig,
+    flatten,
+    load_config,
+    parse_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,6 +27,12 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(schema, path)
     if schema is TrainConfig:
         assert cfg.kind == path.stem
+
+
+def test_evaluate_config_loads():
+    cfg = load_config(EvaluateConfig, REPO / "configs" / "evaluate.yaml", ["embedders.passt_weights=/w/passt.pt"])
+    assert cfg.steps == 100 and cfg.kl_direction == "reference||generated"
+    assert cfg.embedders.passt_weights == "/w/passt.pt" and cfg.embedders.openl3_weights is None
 
 
 def test_overrides_are_typed_and_nested():
@@ -57,11 +71,12 @@ def test_misspelled_key_in_a_file_exits_2_naming_the_key(tmp_path):
     assert out.stderr.strip().splitlines() == ["longplay: error: run.max_stepz: unknown key"]
 
 
-def test_unbuilt_command_exits_2():
+def test_bad_evaluate_setting_exits_2_naming_the_key():
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "evaluate", "m", "--prompts", "p", "--reference", "r"],
+        [sys.executable, "-m", "pipeline.cli", "evaluate", "m", "--prompts", "p", "steps=0"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert out.returncode == 2 and "not built yet" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["longplay: error: steps: Input should be greater than or equal to 1"]
