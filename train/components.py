@@ -1,4 +1,5 @@
-"""Frozen components a loop reads (the VAE, a trained CLAP) and the export layout the loops write.
+"""Frozen components a loop reads (the VAE; a trained CLAP comes from :func:`pipeline.generate.load_clap`) and the
+export layout the loops write.
 
 Export of a trained CLAP (a directory; also what its MLflow registered model version points at)::
 
@@ -15,7 +16,6 @@ The diffusion export adds what generation needs, so one URI is a whole bundle::
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,6 @@ from typing import Any
 import torch
 
 from pipeline.models.autoencoder import Autoencoder, build_autoencoder
-from pipeline.models.clap import CLAP, build_clap
-from pipeline.text import CaptionTokenizer
 from pipeline.tracking import download_model
 
 log = logging.getLogger(__name__)
@@ -62,24 +60,6 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path, prefix: str = "")
 
     picked = {k[len(prefix) :]: v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
     save_file(picked, str(path), metadata={"format": "longplay"})
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def load_clap(uri: str) -> tuple[CLAP, CaptionTokenizer, dict[str, Any]]:
-    """A trained CLAP export (local dir, s3:// prefix, models:/…) → frozen model, its tokenizer and its config."""
-    directory = download_model(uri)
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config.get("kind") != "clap":
-        raise ValueError(f"model.clap: {uri} is not a CLAP export (kind={config.get('kind')!r})")
-    tokenizer = CaptionTokenizer.load(directory / TOKENIZER_FILE)
-    clap = build_clap(config["preset"], vocab_size=config["vocab_size"])
-    clap.load_state_dict(load_weights(directory / WEIGHTS_FILE), strict=True)
-    return clap.eval().requires_grad_(False), tokenizer, config
 
 
 def copy_export(uri: str, target: Path) -> None:

@@ -23,11 +23,12 @@ import torch
 from pipeline import shards as shard_format
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, sample_t, v_loss
+from pipeline.generate import load_clap, write_wav
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.conditioning import build_diffusion_model, guided_model_fn
 from pipeline.tracking import Tracker
 from train import data
-from train.components import CONFIG_FILE, WEIGHTS_FILE, copy_export, load_clap, load_vae, save_weights, vae_uri
+from train.components import CONFIG_FILE, WEIGHTS_FILE, copy_export, load_vae, save_weights, vae_uri
 from train.engine import Engine
 from train.loop import RankContext, Task, run
 
@@ -50,7 +51,10 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
     if vae.latent_channels != int(index["latent_channels"]):
         raise ValueError(f"model.vae: {vae.latent_channels}-ch latents, the shards have {index['latent_channels']}")
     silence = data.silence_latent(vae)
-    clap, tokenizer, _ = load_clap(cfg.model.clap)
+    try:
+        clap, tokenizer, _ = load_clap(cfg.model.clap)
+    except ValueError as err:  # not a CLAP export: name the config key
+        raise ValueError(f"model.clap: {err}") from err
     max_tokens = clap.config.text.max_tokens
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
@@ -142,14 +146,6 @@ def render_demos(
             paths += [write_wav(stem.with_suffix(".wav"), audio, vae.sample_rate)]
             paths += [write_spectrogram(stem.with_suffix(".png"), audio, vae.sample_rate, f"{prompt} ({seconds:g} s)")]
     return paths
-
-
-def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
-    """(channels, N) float32 → 16-bit PCM wav."""
-    import soundfile as sf
-
-    sf.write(str(path), audio.T, sample_rate, subtype="PCM_16")
-    return path
 
 
 def write_spectrogram(path: Path, audio: np.ndarray, sample_rate: int, title: str) -> Path:
