@@ -80,16 +80,28 @@ class Bundle:
         cfg_scale: float = 6.0,
         seed: int = 0,
         sampler: str = "dpmpp-3m-sde",
+        trim: bool = True,
     ) -> list[np.ndarray]:
-        """One float32 array (2, round(seconds * 44100)) per prompt; the same seed gives the same audio."""
+        """One float32 array (2, round(seconds * 44100)) per prompt; the same seed gives the same audio.
+
+        ``trim=False`` returns the model's whole output window instead (at least the training window), which is what
+        timing accuracy measures: content running past the requested length is visible only there."""
         if seconds <= 0:
             raise ValueError("seconds: must be positive")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
-        return [self._one(p, seconds, seconds_start, steps, cfg_scale, seed, sampler) for p in prompts]
+        return [self._one(p, seconds, seconds_start, steps, cfg_scale, seed, sampler, trim) for p in prompts]
 
     def _one(
-        self, prompt: str, seconds: float, seconds_start: float, steps: int, cfg_scale: float, seed: int, sampler: str
+        self,
+        prompt: str,
+        seconds: float,
+        seconds_start: float,
+        steps: int,
+        cfg_scale: float,
+        seed: int,
+        sampler: str,
+        trim: bool = True,
     ) -> np.ndarray:
         # One prompt per sampling call: its noise then depends only on the seed, not on the rest of the batch.
         rate = float(self.config["latent_rate"])
@@ -107,7 +119,7 @@ class Bundle:
         )
         latents = sample(model_fn, (1, self.autoencoder.latent_channels, frames), steps, sampler, seed=seed)
         audio = self.autoencoder.decode(latents).clamp(-1, 1)[0]  # (2, frames * downsampling)
-        return audio[:, : round(seconds * self.sample_rate)].float().numpy()
+        return (audio[:, : round(seconds * self.sample_rate)] if trim else audio).float().numpy()
 
 
 def _load_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
