@@ -136,19 +136,6 @@ def train_config():
     return _train_config
 
 
-@pytest.fixture(scope="session")
-def ray_train(local_stack):
-    """The shared ``ray_on_stack`` connection, with Ray's client variables set *before* Ray is first imported
-    (``tests/conftest.py`` imports ray before ``cluster.connect`` sets ``RAY_AUTH_MODE``, which Ray reads at import)."""
-    from pipeline import cluster
-
-    cluster.prepare_client_env()
-    import ray  # noqa: F401 - imported here, after the variables are set
-
-    cluster.connect()
-    yield
-
-
 def write_audio_dataset(out: str, shard_sizes: tuple[int, ...] = (6, 4)) -> str:
     """Audio shards (``--vae none`` layout): 1 s stereo tones with a little noise as KEY.flac."""
     import io

@@ -45,7 +45,7 @@ def _artifacts(run_id: str, path: str = "") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clap_run(local_stack, ray_train, latent_dataset, train_config):
+def clap_run(local_stack, ray_on_stack, latent_dataset, train_config):
     from train.launch import launch
 
     checkpoints = local_stack.s3_prefix("checkpoints")

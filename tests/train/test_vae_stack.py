@@ -9,7 +9,9 @@ from pipeline import storage
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-def test_vae_trains_and_exports_a_loadable_autoencoder(local_stack, ray_train, audio_dataset, train_config, tmp_path):
+def test_vae_trains_and_exports_a_loadable_autoencoder(
+    local_stack, ray_on_stack, audio_dataset, train_config, tmp_path
+):
     import mlflow
 
     from pipeline.models.autoencoder import Autoencoder
