@@ -49,7 +49,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(12.0, reference_pieces=6, vae_steps=300, clap_steps=300, diffusion_steps=600, sampler_steps=50,
+    "full": Size(12.0, reference_pieces=6, vae_steps=120, clap_steps=250, diffusion_steps=500, sampler_steps=50,
                  prefix="demo"),
     "quick": Size(2.0, reference_pieces=2, vae_steps=6, clap_steps=6, diffusion_steps=6, sampler_steps=4,
                   prefix="demo-quick"),
@@ -77,15 +77,20 @@ class Timer:
 
 
 # ----------------------------------------------------------------------------------------------- stages
-def build_data(demo_dir: Path, size: Size) -> dict[str, Any]:
-    """Render the dataset once, then move the last ``reference_pieces`` pieces (with their manifest rows) to
-    ``reference/``: music no model sees in training, and what FD and KL compare against."""
+def build_data(work: Path, size: Size) -> dict[str, Any]:
+    """Render the dataset, then move the last ``reference_pieces`` pieces (with their manifest rows) to
+    ``reference/``: music no model sees in training, and what FD and KL compare against.
+
+    Kept between runs; rebuilt when the minutes or the held-out count differ, or an earlier run stopped before the
+    split was written (``split.json`` is written last)."""
     from preprocess.demo_dataset import build_demo_dataset
 
-    data, reference = demo_dir / "data", demo_dir / "reference"
-    if not (data / "demo_dataset.json").exists():
+    data, reference, marker = work / "data", work / "reference", work / "split.json"
+    wanted = {"minutes": size.minutes, "reference_pieces": size.reference_pieces}
+    if not marker.exists() or json.loads(marker.read_text()) != wanted:
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(reference, ignore_errors=True)
+        marker.unlink(missing_ok=True)
         build_demo_dataset(data, minutes=size.minutes)
         rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line]
         if len(rows) <= size.reference_pieces:
@@ -96,9 +101,10 @@ def build_data(demo_dir: Path, size: Size) -> dict[str, Any]:
             shutil.move(data / row["path"], reference / row["path"])
         _write_jsonl(data / "manifest.jsonl", keep)
         _write_jsonl(reference / "manifest.jsonl", held)
+        marker.write_text(json.dumps(wanted))
     summary = json.loads((data / "demo_dataset.json").read_text())
-    summary["reference_pieces"] = len((reference / "manifest.jsonl").read_text().splitlines())
-    summary["train_pieces"] = summary["files"] - summary["reference_pieces"]
+    summary["reference_pieces"] = size.reference_pieces
+    summary["train_pieces"] = summary["files"] - size.reference_pieces
     return summary
 
 
@@ -149,8 +155,8 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
     took, where the files are and the metrics."""
     from infra import stack
 
-    if minutes is not None:
-        size = Size(**{**size.__dict__, "minutes": minutes})
+    if minutes is not None and minutes != size.minutes:  # another dataset: its own runs and prefixes
+        size = Size(**{**size.__dict__, "minutes": minutes, "prefix": f"{size.prefix}-{minutes:g}m"})
     timer = Timer()
     env = timer.stage("stack up", stack.up, state_dir)
     os.environ.update(env)
@@ -161,9 +167,10 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
     common = {"run.experiment": EXPERIMENT, "run.checkpoint_uri": f"{BUCKET}/{p}/checkpoints"}
     vae_uri, clap_uri = f"models:/{p}-vae@current", f"models:/{p}-clap@current"
 
-    dataset = timer.stage("data demo", build_data, demo_dir, size)
-    timer.stage("preprocess audio", preprocess, demo_dir / "data", audio, "none")
-    timer.stage("preprocess reference", preprocess, demo_dir / "reference", reference, "none")
+    work = demo_dir / p  # this size's dataset, kept between runs
+    dataset = timer.stage("data demo", build_data, work, size)
+    timer.stage("preprocess audio", preprocess, work / "data", audio, "none")
+    timer.stage("preprocess reference", preprocess, work / "reference", reference, "none")
     runs = {}
     runs["vae"] = timer.stage(
         "train vae",
@@ -173,7 +180,7 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         {**common, "data.shards": audio, "run.name": f"{p}-vae", "run.max_steps": size.vae_steps,
          "run.checkpoint_every": max(1, size.vae_steps // 2), "run.demo_every": size.vae_steps},
     )  # fmt: skip
-    timer.stage("preprocess latents", preprocess, demo_dir / "data", latents, vae_uri)
+    timer.stage("preprocess latents", preprocess, work / "data", latents, vae_uri)
     runs["clap"] = timer.stage(
         "train clap",
         train,
@@ -191,7 +198,7 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
          "run.max_steps": size.diffusion_steps, "run.checkpoint_every": max(1, size.diffusion_steps // 2),
          "run.demo_every": size.diffusion_steps},
     )  # fmt: skip
-    prompts = write_prompts(demo_dir, reference)
+    prompts = write_prompts(work, reference)
     evaluation = timer.stage(
         "generate + evaluate", _evaluate, f"models:/{p}-diffusion@current", prompts, reference, demo_dir, size
     )
@@ -231,7 +238,6 @@ def _evaluate(model: str, prompts: Path, reference: str, demo_dir: Path, size: S
     from pipeline.evaluate import evaluate_model
 
     cfg = EvaluateConfig(steps=size.sampler_steps, experiment=EXPERIMENT, run_name=f"{size.prefix}-evaluate")
-    shutil.rmtree(demo_dir / "generated", ignore_errors=True)
     return evaluate_model(model, str(prompts), reference, demo_dir, cfg)
 
 

@@ -342,17 +342,34 @@ def _start_s3(state_dir: Path, state: StackState, access: str, secret: str) -> N
     log = state_dir / "logs" / "s3.log"
     state.pgids["s3"] = _spawn(cmd, log, dict(os.environ))
     state.save(state_dir)
-    env = {**os.environ, **stack_env(state_dir)}
-    probe = [sys.executable, "-c", f"from pipeline import storage; storage.ensure_bucket('s3://{BUCKET}/')"]
-    _wait(
-        "SeaweedFS S3",
-        lambda: (
-            _healthy(state, "s3") and subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
-        ),  # noqa: S603
-        120,
-        state.pgids["s3"],
-        log,
+    _wait("SeaweedFS S3", lambda: _healthy(state, "s3") and _bucket_ready(state_dir), 120, state.pgids["s3"], log)
+
+
+def _bucket_ready(state_dir: Path) -> bool:
+    """The stack's bucket answers with our credentials (created if SeaweedFS has not yet). One short try, no retries:
+    the caller polls. The client is built from the stack's values directly, so this process's environment and
+    ``pipeline.storage``'s cached client stay untouched."""
+    import boto3
+    from botocore.config import Config
+
+    env = stack_env(state_dir)
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+        config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
     )
+    try:
+        client.head_bucket(Bucket=BUCKET)
+        return True
+    except Exception:  # noqa: BLE001 - not ready yet, whatever the reason; the caller polls until its deadline
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
 
 def _start_mlflow(state_dir: Path, state: StackState) -> None:

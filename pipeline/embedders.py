@@ -349,9 +349,17 @@ def evaluate(
     report = MetricsReport(embedders=embedders.names, kl_direction=kl_direction, notes=list(embedders.notes))
     report.counts = {"generated": len(ids), "reference": len(reference or {})}
     if reference:
-        report.fd = metrics.fd(embedders.frame, [generated[i] for i in ids], [reference[i] for i in sorted(reference)])
-        report.kl = metrics.kl(embedders.classifier, generated, reference, direction=kl_direction)
+        try:
+            report.fd = metrics.fd(
+                embedders.frame, [generated[i] for i in ids], [reference[i] for i in sorted(reference)]
+            )
+        except ValueError as exc:  # too few frames for a covariance, or a root that stays complex
+            report.notes.append(f"FD: not computed ({exc})")
         report.counts["kl_pairs"] = len(set(generated) & set(reference))
+        if report.counts["kl_pairs"]:
+            report.kl = metrics.kl(embedders.classifier, generated, reference, direction=kl_direction)
+        else:
+            report.notes.append("KL: no generated id matches a reference id (KL pairs files by id); not computed")
     else:
         report.notes.append("FD and KL: no reference set given; not computed")
     if embedders.text_audio is not None:

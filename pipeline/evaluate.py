@@ -20,6 +20,9 @@ import argparse
 import io
 import json
 import logging
+import math
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -45,15 +48,23 @@ class Prompt:
     seconds_start: float = 0.0
 
 
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # ids name files: the shard KEY rule (SPEC §6), no paths
+
+
 def read_prompts(path: str, default_seconds: float) -> list[Prompt]:
-    """The prompt file: JSON lines with ids and lengths, or one prompt per line. Bad rows are ConfigErrors."""
-    text = storage.read_text(path)
+    """The prompt file: JSON lines (a first line starting with ``{``) with ids and lengths, or one prompt per line.
+
+    Anything unusable is a ConfigError naming the file and line (exit 2)."""
+    try:
+        text = storage.read_text(path)
+    except (OSError, UnicodeDecodeError, storage.StorageError) as exc:
+        raise ConfigError(f"--prompts: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    json_lines = bool(lines) and lines[0][1].startswith("{")
     prompts: list[Prompt] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if not str(path).endswith(".jsonl"):
-            prompts.append(Prompt(f"{len(prompts):04d}", line.strip(), default_seconds))
+    for number, line in lines:
+        if not json_lines:
+            prompts.append(Prompt(f"{len(prompts):04d}", line, default_seconds))
             continue
         try:
             row = json.loads(line)
@@ -64,8 +75,10 @@ def read_prompts(path: str, default_seconds: float) -> list[Prompt]:
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"--prompts: {path} line {number} is not a prompt row ({exc})") from None
-        if not isinstance(item.prompt, str) or not item.prompt or not item.seconds > 0:
+        if not isinstance(item.prompt, str) or not item.prompt or not item.seconds > 0 or item.seconds_start < 0:
             raise ConfigError(f"--prompts: {path} line {number} needs a non-empty prompt and seconds > 0")
+        if not ID_PATTERN.fullmatch(item.id):
+            raise ConfigError(f"--prompts: {path} line {number}: id {item.id!r} must match [A-Za-z0-9_-]+")
         prompts.append(item)
     if not prompts:
         raise ConfigError(f"--prompts: {path} holds no prompts")
@@ -99,7 +112,10 @@ def read_reference(uri: str) -> dict[str, tuple[np.ndarray, int]]:
     else:
         for item in sorted(storage.list_uris(uri)):
             if item.lower().endswith(AUDIO_EXTENSIONS):
-                out[Path(item.rsplit("/", 1)[-1]).stem] = decode(storage.read_bytes(item))
+                key = Path(item.rsplit("/", 1)[-1]).stem
+                if key in out:
+                    raise ConfigError(f"--reference: two files under {uri} have the id {key!r} (ids are file stems)")
+                out[key] = decode(storage.read_bytes(item))
     if not out:
         raise ConfigError(f"--reference: no audio under {uri}")
     return out
@@ -125,8 +141,15 @@ def embedders_for(bundle: Any, cfg: EvaluateConfig):
     return select_embedders(paths, project_clap=project)
 
 
+def target_seconds(p: Prompt) -> float:
+    """The length a model that follows its timing condition fills: seconds_total - seconds_start as generation
+    conditions them (``ceil(start + seconds)`` and ``floor(start)``, the paper's convention)."""
+    return float(math.ceil(p.seconds_start + p.seconds) - math.floor(p.seconds_start))
+
+
 def generate_all(bundle: Any, prompts: list[Prompt], cfg: EvaluateConfig, out_dir: Path) -> list[dict[str, Any]]:
-    """One wav per prompt under ``out_dir/generated``; rows keep the raw (untrimmed) window for timing accuracy."""
+    """One wav per prompt under ``out_dir/generated`` (trimmed to the request); each row also holds the non-silent
+    length of the model's raw output window, measured before the trim (timing accuracy)."""
     from tqdm import tqdm
 
     from pipeline.generate import write_wav
@@ -145,8 +168,9 @@ def generate_all(bundle: Any, prompts: list[Prompt], cfg: EvaluateConfig, out_di
                 **asdict(p),
                 "path": str(path),
                 "samples": int(audio.shape[-1]),
+                "target_seconds": target_seconds(p),
+                "nonsilent_seconds": metrics.nonsilent_seconds(raw, bundle.sample_rate),
                 "generate_seconds": round(time.perf_counter() - started, 3),
-                "raw": raw,
             }
         )
     return rows
@@ -160,15 +184,18 @@ def evaluate_model(
     from pipeline.embedders import evaluate
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(prompts_path, cfg.seconds)
     refs = read_reference(reference) if reference else None
-    started = time.perf_counter()
+    if refs is not None and not {p.id for p in prompts} & set(refs):
+        log.warning("no prompt id matches a reference id: KL (paired by id) will not be computed, FD will")
+    # Everything that can fail before the (long) generation does: the model, the embedders, the output folder.
     bundle = generate.load(model)
+    embedders = embedders_for(bundle, cfg)
+    shutil.rmtree(out_dir / "generated", ignore_errors=True)  # a reused --out never mixes in older files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     rows = generate_all(bundle, prompts, cfg, out_dir)
     generation_s = time.perf_counter() - started
-    sr = bundle.sample_rate
-    embedders = embedders_for(bundle, cfg)
     report = evaluate(
         embedders,
         generated={r["id"]: r["path"] for r in rows},
@@ -176,10 +203,8 @@ def evaluate_model(
         reference=refs,
         kl_direction=cfg.kl_direction,
     )
-    # Timing accuracy on the raw windows (the report's other metrics read the trimmed files).
-    report.timing = metrics.timing_accuracy([(r.pop("raw"), sr) for r in rows], [r["seconds"] for r in rows])
-    for row, timing in zip(rows, report.timing.per_file, strict=True):
-        row["nonsilent_seconds"] = timing["nonsilent_s"]
+    # Timing accuracy from the raw windows (the other metrics read the trimmed files).
+    report.timing = metrics.timing_summary([r["nonsilent_seconds"] for r in rows], [r["target_seconds"] for r in rows])
     result = {
         "model": model,
         "prompts": prompts_path,
@@ -203,25 +228,31 @@ def _log_to_mlflow(result: dict[str, Any], report: metrics.MetricsReport, out_di
     import os
 
     from pipeline.config import flatten
-    from pipeline.tracking import Tracker, git_sha
+    from pipeline.tracking import Tracker, git_sha, resolve_model_source
 
     tracker = Tracker(enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")))
-    tracker.start(cfg.experiment, cfg.run_name, system_metrics=False)
     if not tracker.enabled:
         return None
     import mlflow
 
-    params = {"model": result["model"], "prompts": result["prompts"], "reference": result["reference"] or "-"}
-    params.update({f"eval.{k}": v for k, v in flatten(cfg).items()})
-    params.update({f"embedder.{m}": name for m, name in report.embedders.items()})
-    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-    tracker.set_tags({"longplay.kind": "evaluation", "git_sha": git_sha()})
-    tracker.log_metrics(report.flat_metrics(), step=0)
-    tracker.log_artifact(out_dir / "report.json")
-    tracker.log_artifacts(out_dir / "generated", "generated")
-    run_id = tracker.run_id
-    tracker.end()
-    return run_id
+    tracker.start(cfg.experiment, cfg.run_name, system_metrics=False)
+    status = "FAILED"
+    try:
+        params = {"model": result["model"], "prompts": result["prompts"], "reference": result["reference"] or "-"}
+        params.update({f"eval.{k}": v for k, v in flatten(cfg).items()})
+        params.update({f"embedder.{m}": name for m, name in report.embedders.items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        tags = {"longplay.kind": "evaluation", "git_sha": git_sha()}
+        if result["model"].startswith("models:/"):  # which version the alias pointed at when it was scored
+            tags["model_source"] = resolve_model_source(result["model"])
+        tracker.set_tags(tags)
+        tracker.log_metrics(report.flat_metrics(), step=0)
+        tracker.log_artifact(out_dir / "report.json")
+        tracker.log_artifacts(out_dir / "generated", "generated")
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    return tracker.run_id
 
 
 def _json_default(value: object) -> object:

@@ -149,15 +149,22 @@ def gaussian_stats(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, eps: float = 1e-6) -> float:
     """Fréchet distance between N(mu1, s1) and N(mu2, s2): ||mu1 - mu2||² + Tr(s1 + s2 - 2 (s1 s2)^½).
 
-    mu (D,), s (D, D). sqrtm of a near-singular product can fail or come back complex from rounding: a failed
-    root is retried with ``eps`` added to both diagonals, and an imaginary part is dropped only if it is noise.
+    mu (D,), s (D, D). sqrtm of a near-singular product can fail or come back complex: such a root is retried with
+    ``eps`` added to both diagonals (as the FID/FAD reference code does), and an imaginary part is then dropped
+    only if it is noise.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(s1).astype(np.float64), np.atleast_2d(s2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
+
+    def noisy(root: np.ndarray) -> bool:
+        """Failed, or complex beyond rounding (rank-deficient covariances: fewer frames than dimensions)."""
+        imaginary = np.iscomplexobj(root) and not np.allclose(np.diagonal(root).imag, 0.0, atol=1e-3)
+        return imaginary or not np.isfinite(root).all()
+
     covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
+    if noisy(covmean):
         offset = np.eye(s1.shape[0]) * eps
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
@@ -330,13 +337,19 @@ def timing_accuracy(
     """
     if len(outputs) != len(seconds_total) or not outputs:
         raise ValueError(f"need one requested length per output (>= 1), got {len(seconds_total)} and {len(outputs)}")
-    rows = []
-    for item, requested in zip(outputs, seconds_total, strict=True):
-        audio, sr = load_audio(item)
-        measured = nonsilent_seconds(audio, sr)
-        rows.append(
-            {"requested_s": float(requested), "nonsilent_s": measured, "abs_error_s": abs(measured - requested)}
-        )
+    return timing_summary([nonsilent_seconds(*load_audio(item)) for item in outputs], seconds_total, tolerance_s)
+
+
+def timing_summary(
+    nonsilent_s: Sequence[float], seconds_total: Sequence[float], tolerance_s: float = 1.0
+) -> TimingAccuracy:
+    """:class:`TimingAccuracy` from measured non-silent lengths (see :func:`nonsilent_seconds`) and requests."""
+    if len(nonsilent_s) != len(seconds_total) or not nonsilent_s:
+        raise ValueError(f"need one requested length per measurement, got {len(seconds_total)} and {len(nonsilent_s)}")
+    rows = [
+        {"requested_s": float(requested), "nonsilent_s": float(measured), "abs_error_s": abs(measured - requested)}
+        for measured, requested in zip(nonsilent_s, seconds_total, strict=True)
+    ]
     errors = np.array([r["abs_error_s"] for r in rows])
     return TimingAccuracy(
         median_abs_error_s=float(np.median(errors)),

@@ -29,7 +29,8 @@ def test_quick_demo_runs_every_stage(local_stack):
         "stack up", "data demo", "preprocess audio", "preprocess reference", "train vae", "preprocess latents",
         "train clap", "train diffusion", "generate + evaluate", "total",
     }  # fmt: skip
-    assert set(report["timings_s"]) == expected_stages and all(t > 0 for t in report["timings_s"].values())
+    assert set(report["timings_s"]) == expected_stages and all(t >= 0 for t in report["timings_s"].values())
+    assert report["timings_s"]["total"] >= sum(t for name, t in report["timings_s"].items() if name != "total") - 0.5
 
     # generated files: 44.1 kHz stereo, exactly the requested length, one per held-out piece
     assert len(report["generated"]) == report["dataset"]["reference_pieces"] == 2
