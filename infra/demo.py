@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "longplay-demo"
 BUCKET = "s3://longplay/demo"
+# Excerpt lengths: about a third of the pieces are shorter than the 8 s training window, which is what teaches the
+# model to end on time (their crops carry seconds_total < window, padded with the VAE's silence).
+EXCERPT_SECONDS = (3.0, 20.0)
 LENGTHS = (3.0, 5.0, 8.0)  # requested seconds, cycled over the evaluation prompts: within the 8 s training window
 
 
@@ -49,7 +52,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(12.0, reference_pieces=6, vae_steps=120, clap_steps=250, diffusion_steps=500, sampler_steps=50,
+    "full": Size(12.0, reference_pieces=6, vae_steps=160, clap_steps=500, diffusion_steps=1200, sampler_steps=50,
                  prefix="demo"),
     "quick": Size(2.0, reference_pieces=2, vae_steps=6, clap_steps=6, diffusion_steps=6, sampler_steps=4,
                   prefix="demo-quick"),
@@ -86,12 +89,12 @@ def build_data(work: Path, size: Size) -> dict[str, Any]:
     from preprocess.demo_dataset import build_demo_dataset
 
     data, reference, marker = work / "data", work / "reference", work / "split.json"
-    wanted = {"minutes": size.minutes, "reference_pieces": size.reference_pieces}
+    wanted = {"minutes": size.minutes, "reference_pieces": size.reference_pieces, "excerpts": list(EXCERPT_SECONDS)}
     if not marker.exists() or json.loads(marker.read_text()) != wanted:
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(reference, ignore_errors=True)
         marker.unlink(missing_ok=True)
-        build_demo_dataset(data, minutes=size.minutes)
+        build_demo_dataset(data, minutes=size.minutes, min_seconds=EXCERPT_SECONDS[0], max_seconds=EXCERPT_SECONDS[1])
         rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line]
         if len(rows) <= size.reference_pieces:
             raise RuntimeError(f"demo dataset has {len(rows)} pieces; need more than {size.reference_pieces}")

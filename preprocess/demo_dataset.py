@@ -362,8 +362,13 @@ def build_demo_dataset(
     soundfont: Path | None = None,
     workers: int = 2,
     piece_timeout_s: float = 120.0,
+    min_seconds: float | None = None,
 ) -> dict:
     """Render about ``minutes`` of corpus music into ``out_dir`` (audio/*.wav + manifest.jsonl).
+
+    With ``min_seconds`` each excerpt's length is drawn uniformly from [min_seconds, max_seconds] (seeded per piece):
+    pieces shorter than the training window are what teach a timing-conditioned model to end on time, since only
+    their crops carry a ``seconds_total`` below the window and silence after it.
 
     Deterministic in ``seed``: pieces are taken in :func:`candidate_pieces` order until ``minutes`` is reached, so
     the result does not depend on ``workers``. Returns the summary also written to ``demo_dataset.json``: files,
@@ -380,7 +385,10 @@ def build_demo_dataset(
     target = minutes * 60.0
     rows, skipped, total = [], [], 0.0
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=round(target), unit="s", desc="demo dataset") as bar:
-        jobs = [(source, seed, max_seconds, str(soundfont), tmp) for source in candidate_pieces(seed)]
+        jobs = [
+            (source, seed, _excerpt_seconds(source, seed, min_seconds, max_seconds), str(soundfont), tmp)
+            for source in candidate_pieces(seed)
+        ]
         for source, result, reason in _render_in_order(jobs, workers, piece_timeout_s):
             if result is None:
                 skipped.append({"source": source, "reason": reason})
@@ -400,6 +408,7 @@ def build_demo_dataset(
         "manifest": str(out_dir / "manifest.jsonl"),
         "seed": seed,
         "minutes_requested": minutes,
+        "excerpt_seconds": [min_seconds or max_seconds, max_seconds],
         "files": len(rows),
         "seconds": round(total, 3),
         "composers": sorted({row["composer"] for row in rows}),
@@ -409,6 +418,12 @@ def build_demo_dataset(
     }
     (out_dir / "demo_dataset.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _excerpt_seconds(source: str, seed: int, min_seconds: float | None, max_seconds: float) -> float:
+    if min_seconds is None:
+        return max_seconds
+    return round(random.Random(f"{seed}:{source}:length").uniform(min_seconds, max_seconds), 2)
 
 
 def _columns(piece: Piece) -> dict:

@@ -78,3 +78,13 @@ def test_missing_tools_name_the_install_command(monkeypatch, capsys) -> None:
     assert demo_dataset.require_tools() == "apt-get install -y fluidsynth fluid-soundfont-gm"
     assert demo_dataset.data_demo(argparse.Namespace(out="unused", minutes=1.0)) == 1
     assert "apt-get install -y fluidsynth fluid-soundfont-gm" in capsys.readouterr().out
+
+
+def test_excerpt_lengths_are_seeded_per_piece_and_in_range():
+    from preprocess.demo_dataset import _excerpt_seconds
+
+    lengths = [_excerpt_seconds(f"bach/bwv{i}.mxl", 0, 3.0, 20.0) for i in range(200)]
+    assert all(3.0 <= x <= 20.0 for x in lengths) and len(set(lengths)) > 150
+    assert 0.15 < sum(x < 8.0 for x in lengths) / len(lengths) < 0.45  # ~5/17 shorter than the 8 s window
+    assert lengths == [_excerpt_seconds(f"bach/bwv{i}.mxl", 0, 3.0, 20.0) for i in range(200)]
+    assert _excerpt_seconds("bach/bwv1.mxl", 0, None, 30.0) == 30.0
