@@ -83,13 +83,16 @@ def test_manifest_parses_and_has_required_fields(path):
 
 
 def test_runbook_commands_exist():
-    """Every `longplay ...` line of the README parses with the real CLI (the runbook cannot drift from it)."""
+    """Every `longplay ...` line of the README's bash blocks parses with the real CLI (the runbook cannot drift from
+    it); blocks of printed output are not commands."""
+    import re
     import shlex
 
     from pipeline.cli import build_parser, parse_args
 
     parser = build_parser()
-    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
     commands = [shlex.split(line.split(" #")[0])[1:] for line in lines if line.startswith("longplay ")]
     assert len(commands) >= 9
     for argv in commands:
