@@ -123,7 +123,7 @@ def preprocess(src: Path, out: str, vae: str) -> dict[str, Any]:
     return job.run(str(src), out, vae, cfg, progress=False)
 
 
-def train(kind: str, size: Size, overrides: dict[str, Any]) -> dict[str, Any]:
+def train(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """One training run from the tiny preset config; returns its final metrics. Raises if Ray Train failed."""
     from pipeline.config import TrainConfig, load_config
     from train.launch import launch
@@ -179,7 +179,6 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         "train vae",
         train,
         "vae",
-        size,
         {**common, "data.shards": audio, "run.name": f"{p}-vae", "run.max_steps": size.vae_steps,
          "run.checkpoint_every": max(1, size.vae_steps // 2), "run.demo_every": size.vae_steps},
     )  # fmt: skip
@@ -188,7 +187,6 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         "train clap",
         train,
         "clap",
-        size,
         {**common, "data.shards": latents, "model.vae": vae_uri, "run.name": f"{p}-clap",
          "run.max_steps": size.clap_steps, "run.checkpoint_every": max(1, size.clap_steps // 2)},
     )  # fmt: skip
@@ -196,7 +194,6 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         "train diffusion",
         train,
         "diffusion",
-        size,
         {**common, "data.shards": latents, "model.vae": vae_uri, "model.clap": clap_uri, "run.name": f"{p}-diffusion",
          "run.max_steps": size.diffusion_steps, "run.checkpoint_every": max(1, size.diffusion_steps // 2),
          "run.demo_every": size.diffusion_steps},

@@ -342,13 +342,14 @@ def _start_s3(state_dir: Path, state: StackState, access: str, secret: str) -> N
     log = state_dir / "logs" / "s3.log"
     state.pgids["s3"] = _spawn(cmd, log, dict(os.environ))
     state.save(state_dir)
-    _wait("SeaweedFS S3", lambda: _healthy(state, "s3") and _bucket_ready(state_dir), 120, state.pgids["s3"], log)
+    bucket_ready = _bucket_probe(state_dir)
+    _wait("SeaweedFS S3", lambda: _healthy(state, "s3") and bucket_ready(), 120, state.pgids["s3"], log)
 
 
-def _bucket_ready(state_dir: Path) -> bool:
-    """The stack's bucket answers with our credentials (created if SeaweedFS has not yet). One short try, no retries:
-    the caller polls. The client is built from the stack's values directly, so this process's environment and
-    ``pipeline.storage``'s cached client stay untouched."""
+def _bucket_probe(state_dir: Path):
+    """A check, polled until it passes: the stack's bucket answers with our credentials (created if SeaweedFS has
+    not yet). One short try per call, no retries. The client is built once, from the stack's values directly, so
+    this process's environment and ``pipeline.storage``'s cached client stay untouched."""
     import boto3
     from botocore.config import Config
 
@@ -361,15 +362,19 @@ def _bucket_ready(state_dir: Path) -> bool:
         region_name=env["AWS_REGION"],
         config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
     )
-    try:
-        client.head_bucket(Bucket=BUCKET)
-        return True
-    except Exception:  # noqa: BLE001 - not ready yet, whatever the reason; the caller polls until its deadline
+
+    def ready() -> bool:
         try:
-            client.create_bucket(Bucket=BUCKET)
+            client.head_bucket(Bucket=BUCKET)
             return True
-        except Exception:  # noqa: BLE001
-            return False
+        except Exception:  # noqa: BLE001 - not ready yet, whatever the reason; the caller polls until its deadline
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                return True
+            except Exception:  # noqa: BLE001
+                return False
+
+    return ready
 
 
 def _start_mlflow(state_dir: Path, state: StackState) -> None:

@@ -123,13 +123,9 @@ def read_reference(uri: str) -> dict[str, tuple[np.ndarray, int]]:
 
 def clap_embedder_name(bundle: Any) -> str:
     """``longplay-clap-<8 hex>``: our CLAP, named by its weights so figures from two CLAPs are never mixed."""
-    import hashlib
+    from pipeline.weights import weights_hash
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(bundle.clap.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-    return f"longplay-clap-{digest.hexdigest()[:8]}"
+    return f"longplay-clap-{weights_hash(bundle.clap)[:8]}"
 
 
 def embedders_for(bundle: Any, cfg: EvaluateConfig):
@@ -217,7 +213,7 @@ def evaluate_model(
             "metrics": round(time.perf_counter() - started - generation_s, 1),
         },
     }
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=metrics.json_default) + "\n")
     result["table"] = metrics.format_table(report)
     result["mlflow_run_id"] = _log_to_mlflow(result, report, out_dir, cfg)
     return result
@@ -253,12 +249,6 @@ def _log_to_mlflow(result: dict[str, Any], report: metrics.MetricsReport, out_di
     finally:
         tracker.end(status)
     return tracker.run_id
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

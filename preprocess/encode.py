@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.weights import weights_hash
 
 SAMPLE_RATE = 44100
 PRESET_SEED = 0
@@ -34,15 +35,6 @@ class VaeSpec:
     @property
     def audio_only(self) -> bool:
         return self.vae_id == "none"
-
-
-def weights_hash(model) -> str:
-    """sha256 over the state dict (names and raw bytes, in name order): the id of a set of weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _mlflow_local(uri: str) -> str:

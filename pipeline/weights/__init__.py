@@ -30,6 +30,18 @@ FORMAT_VERSION = "1"  # of the single-file export written by import_weights
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names and raw bytes, in name order): the id of a set of weights (a VAE's
+    ``vae_id`` in the shards, the CLAP behind an evaluation figure)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a torch checkpoint loaded with ``weights_only=True`` (never
     unpickling arbitrary objects). A checkpoint holding ``{"state_dict": {...}}`` (Lightning, stable-audio-tools)
