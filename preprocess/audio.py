@@ -6,11 +6,14 @@
 
 The decoded length is fixed to ``N = round(frames · 44100 / rate)`` (soxr's streaming tail can differ by a few
 samples), so latent shapes follow from the source alone. The source is read block by block; memory holds the
-44.1 kHz stereo result (about 21 MB per minute of audio), not the source at its own rate and width.
+44.1 kHz stereo result (about 21 MB per minute of audio), not the source at its own rate and width, and never
+more than ``max_input_seconds`` of it: the header's rate, channels and length are checked before any sample is
+read (a 2 MB WAV declaring 1 Hz would otherwise be upsampled 44,100x into hundreds of GB), and the frames read
+are counted against the same bound in case the header under-declares.
 
 A bad file raises :class:`AudioError`, whose ``reason`` is ``"category: detail"``: ``empty``, ``truncated``,
-``decode`` or ``nonfinite``. Those go to ``errors.jsonl``; any other exception is a failure of the job, not of
-the file.
+``decode``, ``nonfinite``, ``bad-header`` or ``too-long``. Those go to ``errors.jsonl``; any other exception is a
+failure of the job, not of the file.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ import soxr
 
 SAMPLE_RATE = 44100
 BLOCK_FRAMES = 1 << 16
+MAX_INPUT_SECONDS = 2 * 3600.0  # longer inputs are refused: 2 h decodes to about 2.5 GB at 44.1 kHz stereo
+# Rates and channel counts no real recording has; outside them a header is lying (or the file is not audio), and
+# believing it costs unbounded memory: 1 Hz upsamples 44,100x, 65,535 channels make one block 17 GB.
+MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1000, 768_000
+MAX_CHANNELS = 64
 SQRT_HALF = math.sqrt(0.5)
 
 
@@ -102,32 +110,75 @@ def _libsndfile_reason(exc: Exception) -> str:
     return getattr(exc, "error_string", None) or type(exc).__name__
 
 
-def decode(path: str) -> Decoded:
-    """Decode ``path`` to 44.1 kHz stereo float32 (2, N); raise :class:`AudioError` for a bad file."""
+def _check_header(rate: int, channels: int, declared: int, max_input_seconds: float) -> None:
+    """Refuse a header whose numbers would make decoding unbounded, before a single block is read."""
+    if rate <= 0 or channels <= 0:
+        raise AudioError(f"decode: {rate} Hz, {channels} channels")
+    if not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
+        raise AudioError(f"bad-header: declares {rate} Hz (readable: {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE} Hz)")
+    if channels > MAX_CHANNELS:
+        raise AudioError(f"bad-header: declares {channels} channels (readable: up to {MAX_CHANNELS})")
+    if declared > 0 and declared / rate > max_input_seconds:
+        seconds = declared / rate
+        raise AudioError(f"too-long: header declares {seconds:.0f} s, max_input_seconds is {max_input_seconds:g}")
+
+
+def _fill(audio: np.ndarray, start: int, chunk: np.ndarray, overflow: list[np.ndarray]) -> int:
+    """Copy (k, 2) ``chunk`` into (2, N) ``audio`` at ``start``; what lies past N goes to ``overflow``. Returns the
+    new end. Filling one array sized from the header, not concatenating blocks, keeps the peak at one result."""
+    fits = max(0, min(len(chunk), audio.shape[1] - start))
+    audio[:, start : start + fits] = chunk[:fits].T
+    if fits < len(chunk):
+        overflow.append(chunk[fits:])
+    return start + len(chunk)
+
+
+def _fit(audio: np.ndarray, overflow: list[np.ndarray], n: int) -> np.ndarray:
+    """The (2, N) buffer and its overflow as one contiguous (2, n), cut or zero-padded; a copy only when n != N
+    (soxr's tail, or a header that did not count the frames right)."""
+    if audio.shape[1] == n:
+        return audio
+    audio = np.concatenate([audio, *(part.T for part in overflow)], axis=1)
+    if audio.shape[1] >= n:
+        return np.ascontiguousarray(audio[:, :n])
+    return np.pad(audio, ((0, 0), (0, n - audio.shape[1])))
+
+
+def decode(path: str, max_input_seconds: float = MAX_INPUT_SECONDS) -> Decoded:
+    """Decode ``path`` to 44.1 kHz stereo float32 (2, N); raise :class:`AudioError` for a bad file.
+
+    Inputs longer than ``max_input_seconds`` are refused (``too-long``) without decoding more than that."""
     if os.path.getsize(path) == 0:
         raise AudioError("empty: zero-byte file")
     try:
         with sf.SoundFile(path) as fh:
             rate, channels, declared = fh.samplerate, fh.channels, fh.frames
-            if rate <= 0 or channels <= 0:
-                raise AudioError(f"decode: {rate} Hz, {channels} channels")
+            _check_header(rate, channels, declared, max_input_seconds)
+            max_frames = math.floor(max_input_seconds * rate)
             mix = stereo_matrix(channels)
             stream = soxr.ResampleStream(rate, SAMPLE_RATE, 2, dtype="float32") if rate != SAMPLE_RATE else None
-            parts, frames = [], 0
+            audio = np.zeros((2, round(max(declared, 0) * SAMPLE_RATE / rate)), np.float32)  # (2, N) from the header
+            overflow: list[np.ndarray] = []
+            frames = written = 0
             while True:
                 block = fh.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
                 last = len(block) < BLOCK_FRAMES
                 if not np.isfinite(block).all():
                     raise AudioError(f"nonfinite: NaN or inf samples near second {frames / rate:.1f}")
                 frames += len(block)
+                if frames > max_frames:  # the header under-declared (or gave no length): stop at the bound
+                    raise AudioError(f"too-long: more than max_input_seconds ({max_input_seconds:g} s) of audio")
                 stereo = block @ mix  # (n, 2)
-                parts.append(stream.resample_chunk(stereo, last=last) if stream else stereo)
+                resampled = stream.resample_chunk(stereo, last=last) if stream else stereo  # (k, 2) @ 44.1 kHz
+                written = _fill(audio, written, resampled, overflow)
                 if last:
                     break
     except sf.LibsndfileError as exc:
         raise AudioError(f"decode: {_libsndfile_reason(exc)}") from None
-    except RuntimeError as exc:  # older soundfile raises plain RuntimeError for decoder errors
-        raise AudioError(f"decode: {exc}") from None
+    except AudioError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # older soundfile's decoder errors; soxr's refusals
+        raise AudioError(f"decode: {type(exc).__name__}: {exc}") from None
     if frames == 0:
         raise AudioError("empty: no audio frames")
     if declared > 0 and frames < declared * 0.99:  # mp3/ogg headers count frames; a cut file decodes fewer
@@ -135,13 +186,10 @@ def decode(path: str) -> Decoded:
     shortfall = _wav_shortfall(path)
     if shortfall:
         raise AudioError(shortfall)
-    audio = np.concatenate(parts, axis=0).T  # (2, n)
     n = round(frames * SAMPLE_RATE / rate)
-    if audio.shape[1] >= n:
-        audio = audio[:, :n]
-    else:
-        audio = np.pad(audio, ((0, 0), (0, n - audio.shape[1])))
-    return Decoded(np.ascontiguousarray(audio, np.float32), rate, channels, frames)
+    if n == 0:  # e.g. 1 frame at 96 kHz: no segment, no sample, so it must be an error line, not silence
+        raise AudioError(f"empty: {frames} frames at {rate} Hz are 0 samples at {SAMPLE_RATE} Hz")
+    return Decoded(_fit(audio, overflow, n), rate, channels, frames)
 
 
 def segments(audio: np.ndarray, max_seconds: float) -> list[Segment]:

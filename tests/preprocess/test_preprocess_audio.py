@@ -72,3 +72,51 @@ def test_flac_bytes_round_trip():
     data, rate = sf.read(io.BytesIO(audio.flac_bytes(x)), dtype="float32")
     assert rate == 44100 and data.shape == (4410, 2)
     np.testing.assert_allclose(data.T, x, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- hostile headers
+def _wav(path, frames: int, rate: int, channels: int = 2) -> str:
+    sf.write(path, np.full((frames, channels), 0.1, np.float32), rate, subtype="PCM_16")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "detail"),
+    [(1, 2, "1 Hz"), (2**31 - 1, 2, "2147483647 Hz"), (8000, 300, "300 channels")],
+)
+def test_a_header_declaring_an_absurd_rate_or_layout_is_refused(tmp_path, rate, channels, detail):
+    # 100 frames at 1 Hz would decode to 4.4 M samples (the 2 MB file of issue 15: hundreds of GB); the others
+    # decode to 0 samples, or read 300 channels per block
+    path = _wav(tmp_path / "liar.wav", 100, rate, channels)
+    with pytest.raises(audio.AudioError) as err:
+        audio.decode(path)
+    assert err.value.reason.startswith("bad-header:") and detail in err.value.reason
+
+
+def test_an_input_longer_than_max_input_seconds_is_refused(tmp_path, monkeypatch):
+    path = _wav(tmp_path / "long.wav", 3 * 8000, 8000)
+    assert audio.decode(path, max_input_seconds=3.0).audio.shape == (2, 3 * 44100)
+    with pytest.raises(audio.AudioError, match=r"^too-long: header declares 3 s"):
+        audio.decode(path, max_input_seconds=2.0)
+    # a header that under-declares is still stopped by the frames read, one block past the bound at most
+    monkeypatch.setattr(audio, "_check_header", lambda *args: None)
+    monkeypatch.setattr(audio, "BLOCK_FRAMES", 1000)
+    with pytest.raises(audio.AudioError, match=r"^too-long: more than max_input_seconds \(2 s\)"):
+        audio.decode(path, max_input_seconds=2.0)
+    assert audio.MAX_INPUT_SECONDS == 7200.0
+
+
+def test_an_input_of_zero_samples_at_44k_is_an_empty_error(tmp_path):
+    path = _wav(tmp_path / "one_frame.wav", 1, 96000)  # round(1 · 44100 / 96000) = 0 samples: no segment
+    with pytest.raises(audio.AudioError, match=r"^empty: 1 frames at 96000 Hz are 0 samples"):
+        audio.decode(path)
+    assert audio.decode(_wav(tmp_path / "two_frames.wav", 2, 96000)).audio.shape == (2, 1)
+
+
+def test_a_resampler_refusal_is_a_decode_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("soxr: unsupported ratio")
+
+    monkeypatch.setattr(audio.soxr, "ResampleStream", refuse)
+    with pytest.raises(audio.AudioError, match=r"^decode: ValueError: soxr: unsupported ratio"):
+        audio.decode(_wav(tmp_path / "x.wav", 100, 48000))
