@@ -101,14 +101,15 @@ def read_manifest(uri: str) -> list[dict[str, Any]]:
             rows = pq.read_table(io.BytesIO(data)).to_pylist()
         else:
             raise SourceError(f"--manifest: {uri} must end in .jsonl, .csv or .parquet")
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        rows = [_json_safe(row) for row in rows]
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         if isinstance(exc, SourceError):
             raise
         raise SourceError(f"--manifest: {uri} cannot be parsed ({type(exc).__name__}: {exc})") from None
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not row.get("path"):
             raise SourceError(f"--manifest: {uri} row {i + 1} has no 'path'")
-    return [_json_safe(row) for row in rows]
+    return rows
 
 
 def find_manifest(src: str) -> str | None:

@@ -67,14 +67,27 @@ class _Piece:
         self.samples = self.audio.shape[-1]
 
 
+# Failures that belong to one file and that no retry can cure: recorded in errors.jsonl, the shard goes on. Storage
+# failures (S3 down, credentials) are not among them: they fail the shard so that a rerun redoes it.
+UNREADABLE = (PermissionError, IsADirectoryError, NotADirectoryError)
+# RecursionError: JSON nested deeper than Python's recursion limit (json.loads and _json_safe both recurse)
+BAD_SIDECAR = (ValueError, UnicodeDecodeError, RecursionError, FileNotFoundError, *UNREADABLE)
+
+
+def _oserror_reason(exc: OSError) -> str:
+    # strerror, not str(exc): the latter holds a local (possibly temporary) path
+    return f"{type(exc).__name__} ({exc.strerror or exc})"
+
+
 def load_input(item: InputItem) -> _Loaded:
-    """Fetch, hash, read the caption, decode. Bad audio or a bad sidecar is recorded; storage failures raise."""
+    """Fetch, hash, read the caption, decode. A bad file or sidecar is recorded in ``error``; storage failures raise."""
     loaded = _Loaded(item=item, caption=item.caption or "", meta=dict(item.meta))
     if item.sidecar:
         try:
             loaded.caption, loaded.meta = read_sidecar(item.sidecar)
-        except (ValueError, UnicodeDecodeError) as exc:
-            loaded.error = f"caption: sidecar {item.sidecar.rsplit('/', 1)[-1]} is unreadable ({exc})"
+        except BAD_SIDECAR as exc:
+            detail = _oserror_reason(exc) if isinstance(exc, OSError) else str(exc)
+            loaded.error = f"caption: sidecar {item.sidecar.rsplit('/', 1)[-1]} is unreadable ({detail})"
             return loaded
     try:
         with fetch(item.uri) as (path, sha256, _):
@@ -82,6 +95,8 @@ def load_input(item: InputItem) -> _Loaded:
             loaded.decoded = audio.decode(path)
     except FileNotFoundError:
         loaded.error = "missing: the file disappeared after listing"
+    except UNREADABLE as exc:  # e.g. a manifest row naming a directory, a file we may not read
+        loaded.error = f"unreadable: {_oserror_reason(exc)}"
     except audio.AudioError as exc:
         loaded.error = exc.reason
     return loaded
@@ -116,6 +131,9 @@ class ShardWorker:
                     new = self._pieces(i, item)
                 except audio.AudioError as exc:
                     item.error = exc.reason
+                    continue
+                if not new:  # decode refuses 0-sample audio; this keeps "a shard or an error line" true regardless
+                    item.error = "empty: no samples"
                     continue
                 pieces += new
                 pending += new

@@ -14,7 +14,7 @@ from preprocess_fixtures import write_clips
 
 from pipeline import cli, shards
 from pipeline.config import ConfigError, PreprocessConfig
-from preprocess import job
+from preprocess import job, worker
 
 
 def _cfg(**kw) -> PreprocessConfig:
@@ -124,3 +124,46 @@ def test_latents_follow_the_source(tmp_path):
         assert s.latents.dtype == np.float16 and s.latents.shape == (16, -(-n // 1024))
         assert s.meta["offset_seconds"] == pytest.approx(offset) and s.meta["seconds_total"] == exp.seconds_total
         assert s.meta["source_sha256"] == exp.sha256 and s.meta["caption"].startswith("clip number")
+
+
+def _wav(path: Path, frames: int, rate: int) -> None:
+    sf.write(path, np.full((frames, 2), 0.1, np.float32), rate, subtype="PCM_16")
+
+
+def test_hostile_inputs_each_end_in_errors_jsonl_and_the_job_succeeds(tmp_path, monkeypatch):
+    """Issue 15: every input ends in exactly one shard or in errors.jsonl with its reason, and the job completes."""
+    src = tmp_path / "src"
+    write_clips(src, 2, seconds=0.3)
+    _wav(src / "liar_1hz.wav", 100, 1)  # would upsample to 4.4 M samples
+    _wav(src / "one_frame_96k.wav", 1, 96000)  # 0 samples at 44.1 kHz
+    _wav(src / "deep.wav", 4410, 44100)
+    (src / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json.loads
+    _wav(src / "locked.wav", 4410, 44100)
+    folder = tmp_path / "elsewhere" / "folder.wav"  # a manifest row naming a directory
+    folder.mkdir(parents=True)
+    (src / "manifest.jsonl").write_text(json.dumps({"path": str(folder), "caption": "a folder"}) + "\n")
+
+    fetch = worker.fetch
+
+    def locked(uri: str):  # tests run as root, where chmod 000 does not stop a read
+        if uri.endswith("locked.wav"):
+            raise PermissionError(13, "Permission denied", uri)
+        return fetch(uri)
+
+    monkeypatch.setattr(worker, "fetch", locked)
+    out = str(tmp_path / "out")
+    summary = job.run(str(src), out, "preset:tiny", _cfg(samples_per_shard=16), backend="local", progress=False)
+
+    reasons = {e["source_uri"].rsplit("/", 1)[-1]: e["reason"] for e in shards.read_errors(out)}
+    assert {name: reason.split(":")[0] for name, reason in reasons.items()} == {
+        "liar_1hz.wav": "bad-header",
+        "one_frame_96k.wav": "empty",
+        "deep.wav": "caption",
+        "locked.wav": "unreadable",
+        "folder.wav": "unreadable",
+    }
+    assert "recursion" in reasons["deep.wav"]
+    assert "PermissionError" in reasons["locked.wav"] and "IsADirectoryError" in reasons["folder.wav"]
+    assert not any(str(tmp_path) in r for r in reasons.values())  # no local paths in errors.jsonl
+    encoded = sorted({s.meta["source_uri"].rsplit("/", 1)[-1] for s in _samples(out)})
+    assert encoded == ["clip_000.wav", "clip_001.wav"] and summary["errors"] == 5 and summary["inputs"] == 7

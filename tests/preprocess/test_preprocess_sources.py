@@ -83,6 +83,10 @@ def test_bad_sources_are_usage_errors(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"caption": "no path"}) + "\n")
     with pytest.raises(ConfigError, match="row 1 has no 'path'"):
         sources.list_inputs(str(tmp_path))
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's recursion limit
+    (tmp_path / "manifest.jsonl").write_text('{"path": "x.wav", "meta": ' + deep + "}\n")
+    with pytest.raises(ConfigError, match="manifest.jsonl cannot be parsed \\(RecursionError"):
+        sources.list_inputs(str(tmp_path))
 
 
 def test_input_keys_are_safe_and_stable():
