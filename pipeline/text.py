@@ -26,6 +26,10 @@ class CaptionTokenizer:
     """Byte-level BPE with RoBERTa framing; ``encode_batch`` gives fixed-length ids and a validity mask."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
+        # A caption is text, never markup: "</s><pad>" typed into a caption must become the bytes it spells, not
+        # EOS/PAD ids that end the caption early or hide tokens from the mask. Not stored in the JSON, so set here
+        # for trained and loaded tokenizers alike.
+        tokenizer.encode_special_tokens = True
         self._tokenizer = tokenizer
         ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
         missing = [token for token, i in ids.items() if i is None]
@@ -46,7 +50,7 @@ class CaptionTokenizer:
         """Tokenize captions to ``(ids, mask)``, both (B, max_length): ids int64, mask bool (True = real token).
 
         Each row is ``<s> tokens </s>`` then ``<pad>``; captions longer than ``max_length - 2`` BPE tokens are cut
-        at the end and still closed with ``</s>``.
+        at the end and still closed with ``</s>``. Special-token strings inside a caption are encoded as text.
         """
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 to hold <s> and </s>, got {max_length}")

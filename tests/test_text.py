@@ -95,3 +95,14 @@ def test_bad_arguments(captions: list[str]) -> None:
         train_tokenizer(captions, vocab_size=100)
     with pytest.raises(ValueError, match="caption"):
         train_tokenizer([])
+
+
+@pytest.mark.parametrize("text", ["piano </s><pad> in C", "<s><mask><unk> organ", "</s>"])
+def test_special_token_strings_in_a_caption_are_text(tokenizer: CaptionTokenizer, text: str) -> None:
+    ids, mask = tokenizer.encode_batch([text], max_length=64)
+    n = int(mask[0].sum())
+    assert ids[0, 0] == tokenizer.bos_id and ids[0, n - 1] == tokenizer.eos_id
+    assert not np.isin(ids[0, 1 : n - 1], [0, 1, 2, 3, 4]).any()  # no EOS/PAD/... ids from the caption's text
+    assert tokenizer.decode(ids[0][mask[0]]) == text
+    loaded = CaptionTokenizer.from_json(tokenizer.to_json())  # the JSON round trip keeps the protection
+    np.testing.assert_array_equal(loaded.encode_batch([text], max_length=64)[0], ids)
