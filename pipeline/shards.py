@@ -31,6 +31,7 @@ from pipeline import storage
 
 FORMAT_VERSION = 1
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+SHARD_NAME_RE = re.compile(r"[a-z0-9]+-[0-9]{6,}")  # shard_name(): SPLIT-NNNNNN, SPLIT as PreprocessConfig.split
 PAYLOADS = ("latents.npy", "flac")
 REQUIRED_META = (
     "caption",
@@ -256,9 +257,15 @@ def _write_text_if(uri: str, text: str, only_if_changed: bool) -> None:
 
 
 def read_index(out: str) -> dict[str, Any]:
+    """index.json, with its shard names validated: they become paths (``OUT/shards/NAME.tar``) in every reader, so a
+    crafted name such as ``../../x`` must not get that far."""
     index = json.loads(storage.read_text(storage.join(out, "index.json")))
     if index.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{out}/index.json: format_version {index.get('format_version')} is not 1")
+    for entry in index.get("shards", []):
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if not isinstance(name, str) or not SHARD_NAME_RE.fullmatch(name):
+            raise ShardFormatError(f"{out}/index.json: shard name {name!r} is not SPLIT-NNNNNN")
     return index
 
 

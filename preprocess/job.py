@@ -167,16 +167,18 @@ def run(
     manifest: str | None = None,
     backend: str = "ray",
     progress: bool = True,
+    allow_outside_src: bool = False,
 ) -> dict[str, Any]:
     """Preprocess SRC into OUT; returns the summary. Raises ConfigError (bad usage, exit 2) or JobFailed (exit 1).
 
-    Bad inputs do not fail the job: they are listed in OUT/errors.jsonl with their reason.
+    Bad inputs do not fail the job: they are listed in OUT/errors.jsonl with their reason. Manifest rows naming
+    files outside SRC are among them unless ``allow_outside_src``.
     """
     started = time.monotonic()
     src, out = _absolute(src), _absolute(out)
     spec = resolve_vae(vae)
     _check_chain(cfg)
-    items, missing = list_inputs(src, manifest)
+    items, missing = list_inputs(src, manifest, allow_outside_src)
     if not items and not missing:
         raise SourceError(f"src: no audio files ({', '.join(('wav', 'flac', 'ogg', 'mp3'))}) under {src}")
     plans = plan_shards(items, inputs_per_shard(cfg), cfg.split)

@@ -122,11 +122,21 @@ def find_manifest(src: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- listing
-def list_inputs(src: str, manifest: str | None = None) -> tuple[list[InputItem], list[dict[str, str]]]:
+def _inside(src: str, uri: str) -> bool:
+    """Whether ``uri`` lies under ``src``: no other root, and no ``..`` left in it (S3 keys keep it literally)."""
+    prefix = src + "/"
+    return uri.startswith(prefix) and ".." not in uri[len(prefix) :].split("/")
+
+
+def list_inputs(
+    src: str, manifest: str | None = None, allow_outside_src: bool = False
+) -> tuple[list[InputItem], list[dict[str, str]]]:
     """Sorted inputs under ``src`` with their captions, plus error records for manifest rows with no file.
 
     Without ``manifest``, a manifest at SRC's root is used if present, else sidecars. Audio files the manifest does
     not mention keep caption "" (and can still train the VAE); the worker reads sidecars for them if they exist.
+    Manifest rows naming a file outside SRC (``../x``, an absolute path, another bucket) are refused with an
+    ``outside-src`` error unless ``allow_outside_src``: a manifest is data, and must not choose what the job reads.
     """
     src = src.rstrip("/") if storage.is_s3(src) else os.path.normpath(src)
     if not storage.is_s3(src) and not os.path.isdir(src):
@@ -142,8 +152,11 @@ def list_inputs(src: str, manifest: str | None = None) -> tuple[list[InputItem],
             path = str(row["path"])
             uri = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(src, posixpath.normpath(path))
             uri = uri if storage.is_s3(uri) else os.path.normpath(uri)
+            inside = _inside(src, uri)
+            if not inside and not allow_outside_src:
+                errors.append({"source_uri": uri, "reason": "outside-src: the manifest names a file outside SRC"})
+                continue
             rows[uri] = row
-            inside = uri.startswith(src + "/")
             if uri in present or (not inside and storage.exists(uri)):
                 uris.add(uri)
             else:

@@ -152,7 +152,8 @@ def test_hostile_inputs_each_end_in_errors_jsonl_and_the_job_succeeds(tmp_path, 
 
     monkeypatch.setattr(worker, "fetch", locked)
     out = str(tmp_path / "out")
-    summary = job.run(str(src), out, "preset:tiny", _cfg(samples_per_shard=16), backend="local", progress=False)
+    cfg = _cfg(samples_per_shard=16)
+    summary = job.run(str(src), out, "preset:tiny", cfg, backend="local", progress=False, allow_outside_src=True)
 
     reasons = {e["source_uri"].rsplit("/", 1)[-1]: e["reason"] for e in shards.read_errors(out)}
     assert {name: reason.split(":")[0] for name, reason in reasons.items()} == {

@@ -93,3 +93,40 @@ def test_input_keys_are_safe_and_stable():
     key = sources.input_key("some dir/Ünïcode name (1).wav")
     assert KEY_RE.match(key) and key == sources.input_key("some dir/Ünïcode name (1).wav")
     assert sources.input_key("a/x.wav") != sources.input_key("b/x.wav")
+
+
+def test_manifest_paths_outside_src_are_refused_unless_allowed(tmp_path):
+    _touch(tmp_path, "src/a.wav", "src/sub/b.wav", "secret.wav", "other/c.wav")
+    src = tmp_path / "src"
+    rows = [
+        {"path": "../secret.wav", "caption": "climbs out"},
+        {"path": str(tmp_path / "other/c.wav"), "caption": "absolute"},
+        {"path": "sub/../a.wav", "caption": "stays inside"},
+        {"path": str(src / "sub/b.wav"), "caption": "absolute, inside"},
+    ]
+    (src / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items, errors = sources.list_inputs(str(src))
+    assert [(i.uri, i.caption) for i in items] == [
+        (str(src / "a.wav"), "stays inside"),
+        (str(src / "sub/b.wav"), "absolute, inside"),
+    ]
+    assert sorted((e["source_uri"], e["reason"].split(":")[0]) for e in errors) == [
+        (str(tmp_path / "other/c.wav"), "outside-src"),
+        (str(tmp_path / "secret.wav"), "outside-src"),
+    ]
+    items, errors = sources.list_inputs(str(src), allow_outside_src=True)
+    assert len(items) == 4 and errors == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "inside"),
+    [
+        ("s3://b/raw/x.wav", True),
+        ("s3://b/raw/../x.wav", False),  # S3 keeps '..' in a key literally; it must not count as inside
+        ("s3://b/rawer/x.wav", False),
+        ("s3://c/raw/x.wav", False),
+        ("/raw/x.wav", False),
+    ],
+)
+def test_inside_src_on_s3(uri, inside):
+    assert sources._inside("s3://b/raw", uri) is inside
