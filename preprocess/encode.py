@@ -31,6 +31,7 @@ class VaeSpec:
     config_hash: str
     latent_channels: int  # for audio shards: 2 (the "latents" are the stereo waveform)
     latent_rate: float  # frames per second; for audio shards 44100
+    dtype: str = "float32"  # of the VAE's weights as loaded (float16 weights give other latents)
 
     @property
     def audio_only(self) -> bool:
@@ -77,7 +78,8 @@ def resolve_vae(uri: str) -> VaeSpec:
         raise ConfigError(f"--vae: cannot load {uri!r} ({type(exc).__name__}: {message})") from None
     cfg_hash = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     vae_id = f"{uri}@seed{PRESET_SEED}" if uri.startswith("preset:") else f"sha256:{weights_hash(model)[:16]}"
-    return VaeSpec(uri, vae_id, cfg_hash, model.latent_channels, float(model.latent_rate))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return VaeSpec(uri, vae_id, cfg_hash, model.latent_channels, float(model.latent_rate), dtype)
 
 
 def check_loaded(model, spec: VaeSpec) -> None:

@@ -45,9 +45,13 @@ class JobFailed(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- plan
 def fingerprint(items: list[InputItem], cfg: PreprocessConfig, vae: VaeSpec) -> dict[str, Any]:
-    """What decides the shards' contents; two runs into one OUT must agree on all of it."""
+    """What decides the shards' contents; two runs into one OUT must agree on all of it.
+
+    With a VAE that includes how it runs: batch size, chunked-encode window, device and weight dtype each change
+    the latents' rounding, and one OUT must not hold latents of two numerics. Audio shards depend on none of them.
+    """
     listing = "\n".join(f"{i.uri}\t{i.key}" for i in items).encode()
-    return {
+    plan = {
         "format_version": shards.FORMAT_VERSION,
         "inputs": len(items),
         "inputs_sha256": hashlib.sha256(listing).hexdigest(),
@@ -58,6 +62,11 @@ def fingerprint(items: list[InputItem], cfg: PreprocessConfig, vae: VaeSpec) -> 
         "split": cfg.split,
         "augment": cfg.augment.model_dump(mode="json"),
     }
+    if not vae.audio_only:
+        plan.update(
+            batch_size=cfg.batch_size, chunk_seconds=cfg.chunk_seconds, use_gpu=cfg.use_gpu, vae_dtype=vae.dtype
+        )
+    return plan
 
 
 def claim_out(out: str, plan: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -14,7 +15,8 @@ from preprocess_fixtures import write_clips
 
 from pipeline import cli, shards
 from pipeline.config import ConfigError, PreprocessConfig
-from preprocess import job, worker
+from preprocess import job, sources, worker
+from preprocess.encode import resolve_vae
 
 
 def _cfg(**kw) -> PreprocessConfig:
@@ -55,6 +57,25 @@ def test_an_out_of_another_job_is_refused(tmp_path):
     write_clips(tmp_path / "src", 4, seconds=0.3)  # a new file would shift the shard assignment
     with pytest.raises(ConfigError, match="inputs"):
         job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+
+
+def test_the_plan_holds_every_setting_that_changes_latents(tmp_path):
+    """Issue 15 item 4: batch size, chunk window, device and VAE dtype each change the latents' rounding."""
+    write_clips(tmp_path / "src", 2, seconds=0.3)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    job.run(src, out, "preset:tiny", _cfg(), backend="local", progress=False)
+    for key, value in [("batch_size", 1), ("chunk_seconds", 0.5), ("use_gpu", True)]:
+        with pytest.raises(ConfigError, match=key):  # refused before any shard is touched (no GPU needed)
+            job.run(src, out, "preset:tiny", _cfg(**{key: value}), backend="local", progress=False)
+    items, _ = sources.list_inputs(src)
+    spec = resolve_vae("preset:tiny")
+    assert spec.dtype == "float32"
+    half = job.fingerprint(items, _cfg(), dataclasses.replace(spec, dtype="float16"))
+    assert {k for k in half if half[k] != job.fingerprint(items, _cfg(), spec)[k]} == {"vae_dtype"}
+    # audio shards do not depend on how a VAE would run: a rerun with another batch size resumes
+    audio_out = str(tmp_path / "audio")
+    job.run(src, audio_out, "none", _cfg(), backend="local", progress=False)
+    assert job.run(src, audio_out, "none", _cfg(batch_size=1), backend="local", progress=False)["shards_skipped"] == 1
 
 
 def test_audio_shards_and_augmented_copies(tmp_path):
