@@ -68,6 +68,8 @@ BAD = {  # name: reason category expected in errors.jsonl
     "x_truncated_header.wav": "truncated",
     "x_text.wav": "decode",
     "x_nan.wav": "nonfinite",
+    "x_one_hz.wav": "bad-header",  # issue 15: a rate that would upsample 44,100x
+    "x_one_frame_96k.wav": "empty",  # issue 15: 0 samples at 44.1 kHz
 }
 
 
@@ -96,6 +98,8 @@ def write_mixed_inputs(root: Path) -> tuple[dict[str, Expected], dict[str, str]]
     nan = _noise(1.0, 44100, 2, 97)
     nan[1000:1010] = np.nan
     sf.write(root / "x_nan.wav", nan, 44100, subtype="FLOAT")
+    sf.write(root / "x_one_hz.wav", _noise(100.0, 1, 2, 96), 1, subtype="PCM_16")
+    sf.write(root / "x_one_frame_96k.wav", _noise(1 / 96000, 96000, 2, 95), 96000, subtype="PCM_16")
 
     manifest = [
         {"path": "a_wav16_44k_stereo.wav", "caption": "a short stereo blip", "genre": "test", "bpm": 120},
