@@ -44,6 +44,7 @@ _TRANSIENT_CODES = {
     "500",
     "502",
     "504",
+    "ConditionalRequestConflict",  # 409: a conditional write raced another write of the key; AWS says retry
 }
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken", "InvalidToken"}
 
@@ -203,6 +204,40 @@ def write_file(uri: str | os.PathLike, local_path: str | os.PathLike) -> None:
 
 def write_text(uri: str | os.PathLike, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+def create_text(uri: str | os.PathLike, text: str) -> bool:
+    """Write ``text`` to ``uri`` only if nothing is there, atomically; True when this call created it.
+
+    Of several writers racing for one ``uri`` exactly one gets True (locally a hard link, which fails if the name
+    exists; on S3 a PUT with ``If-None-Match: *``, answered 412 when the object exists). A retried PUT whose first
+    attempt did land also gets False: callers compare what is there with what they meant to write.
+    """
+    uri, data = str(uri), text.encode("utf-8")
+    if not is_s3(uri):
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    bucket, key = split_s3(uri)
+    try:
+        _retry(f"create {uri}", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
+        return True
+    except StorageError as exc:
+        response = getattr(exc.__cause__, "response", {})
+        if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:  # PreconditionFailed: it exists
+            return False
+        raise
 
 
 def _write(uri: str, opener: Callable[[], IO[bytes]]) -> None:

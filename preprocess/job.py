@@ -70,13 +70,15 @@ def fingerprint(items: list[InputItem], cfg: PreprocessConfig, vae: VaeSpec) -> 
 
 
 def claim_out(out: str, plan: dict[str, Any]) -> None:
-    """Write OUT/plan.json, or check that the one there is ours (then nothing is written)."""
+    """Create OUT/plan.json, or check that the one there is ours (then nothing is written).
+
+    The create is conditional, so of two jobs that start on one OUT at once exactly one writes its plan; the other
+    reads that plan and stops (exit 2) unless it is the same plan, whose shards are the same bytes (a resume).
+    """
     uri = storage.join(out, PLAN_FILE)
-    try:
-        stored = json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        storage.write_text(uri, json.dumps(plan, indent=2, sort_keys=True))
+    if storage.create_text(uri, json.dumps(plan, indent=2, sort_keys=True)):
         return
+    stored = json.loads(storage.read_text(uri))
     differs = sorted(k for k in plan.keys() | stored.keys() if plan.get(k) != stored.get(k))
     if differs:
         raise ConfigError(

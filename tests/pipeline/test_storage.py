@@ -146,3 +146,16 @@ def test_s3_restart_mid_sequence_is_survived_by_retries(local_stack):
     assert errors == [] and written == list(range(40))
     for i in range(40):
         assert storage.read_bytes(f"{prefix}/{i:03d}") == f"payload-{i}".encode()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_text_has_exactly_one_winner(where, tmp_path, local_stack):
+    """A conditional create (hard link locally, If-None-Match on S3): of 8 racing writers one creates the object."""
+    base = str(tmp_path) if where == "local" else local_stack.s3_prefix("create")
+    uri = storage.join(base, "d", "plan.json")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.create_text(uri, f"job {i}"), range(8)))
+    assert sum(won) == 1 and storage.read_text(uri) == f"job {won.index(True)}"
+    assert storage.create_text(uri, "late") is False and storage.read_text(uri) == f"job {won.index(True)}"
+    if where == "local":
+        assert [p.name for p in (tmp_path / "d").iterdir()] == ["plan.json"]  # no temp file left behind

@@ -6,6 +6,8 @@ import dataclasses
 import io
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import soundfile as sf
 from preprocess_fixtures import write_clips
 
-from pipeline import cli, shards
+from pipeline import cli, shards, storage
 from pipeline.config import ConfigError, PreprocessConfig
 from preprocess import job, sources, worker
 from preprocess.encode import resolve_vae
@@ -57,6 +59,44 @@ def test_an_out_of_another_job_is_refused(tmp_path):
     write_clips(tmp_path / "src", 4, seconds=0.3)  # a new file would shift the shard assignment
     with pytest.raises(ConfigError, match="inputs"):
         job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+
+
+def test_two_jobs_racing_for_one_out_exactly_one_claims_it(tmp_path, monkeypatch):
+    """Issue 15 item 4: two jobs start on one OUT at once with different plans; one claims it, the other exits 2."""
+    out = str(tmp_path / "out")
+    read_text, arrived = storage.read_text, []
+
+    def slow_read(uri):  # a reader of plan.json waits (up to 2 s) for the other to have read too: the race, certain
+        arrived.append(uri)
+        try:
+            return read_text(uri)
+        finally:
+            deadline = time.monotonic() + 2.0
+            while len(arrived) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(job.storage, "read_text", slow_read)
+    outcome: dict[int, str] = {}
+
+    def claim(batch_size: int) -> None:
+        try:
+            job.claim_out(out, {"batch_size": batch_size})
+            outcome[batch_size] = "claimed"
+        except ConfigError as exc:
+            outcome[batch_size] = str(exc)
+
+    threads = [threading.Thread(target=claim, args=(b,)) for b in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winner = [b for b, o in outcome.items() if o == "claimed"]
+    assert len(winner) == 1, outcome
+    loser = 3 - winner[0]
+    assert "batch_size differ" in outcome[loser]
+    assert json.loads(read_text(os.path.join(out, job.PLAN_FILE))) == {"batch_size": winner[0]}
+    job.claim_out(out, {"batch_size": winner[0]})  # the winner's own rerun resumes
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
 def test_the_plan_holds_every_setting_that_changes_latents(tmp_path):
