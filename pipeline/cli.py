@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True)
     p.add_argument("--manifest")
     p.add_argument("--config")
+    p.add_argument(
+        "--allow-outside-src",
+        action="store_true",
+        help="read manifest rows naming files outside SRC (refused by default: a manifest is data)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     shards = sub.add_parser("shards", help="inspect or verify a preprocess output")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)

@@ -1,4 +1,6 @@
-"""``longplay preprocess SRC OUT --vae V [--manifest F] [--config F] [key=value ...]`` (SPEC §5, §6).
+"""``longplay preprocess SRC OUT --vae V [--manifest F] [--config F] [--allow-outside-src] [key=value ...]``.
+
+See SPEC §5, §6. ``--allow-outside-src`` lets manifest rows name files outside SRC (else ``outside-src:`` errors).
 
 Prints the end summary as one JSON object on stdout. Exit 0 when every shard is written (bad inputs are listed in
 OUT/errors.jsonl, they do not fail the job), 1 when the job failed (a rerun resumes it), 2 for bad usage or config
@@ -23,7 +25,9 @@ def preprocess(args: argparse.Namespace) -> int:
 
     cfg = load_config(PreprocessConfig, args.config, args.overrides)
     try:
-        summary = job.run(args.src, args.out, args.vae, cfg, manifest=args.manifest)
+        summary = job.run(
+            args.src, args.out, args.vae, cfg, manifest=args.manifest, allow_outside_src=args.allow_outside_src
+        )
     except (job.JobFailed, storage.StorageError) as exc:
         print(f"longplay: preprocess failed: {exc}", file=sys.stderr)
         return 1

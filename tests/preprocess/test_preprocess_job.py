@@ -175,6 +175,25 @@ def test_cli_exit_codes(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(os.path.join(out2, "index.json"))
 
 
+def test_cli_allow_outside_src_flag(tmp_path, monkeypatch, capsys):
+    """Issue 15 item 6: a manifest row naming a file outside SRC is refused unless --allow-outside-src is given."""
+    write_clips(tmp_path / "src", 1, seconds=0.3)
+    write_clips(tmp_path / "elsewhere", 1, seconds=0.3)
+    outside = str(tmp_path / "elsewhere" / "clip_000.wav")
+    (tmp_path / "src" / "manifest.jsonl").write_text(json.dumps({"path": outside, "caption": "from elsewhere"}) + "\n")
+    monkeypatch.setattr(job, "BACKENDS", {**job.BACKENDS, "ray": job.run_local})
+    src = str(tmp_path / "src")
+    refused, allowed = str(tmp_path / "refused"), str(tmp_path / "allowed")
+
+    assert cli.main(["preprocess", src, refused, "--vae", "none"]) == 0
+    assert [e["reason"].split(":")[0] for e in shards.read_errors(refused)] == ["outside-src"]
+    assert all(s.meta["source_uri"] != outside for s in _samples(refused))
+
+    assert cli.main(["preprocess", src, allowed, "--vae", "none", "--allow-outside-src"]) == 0
+    assert shards.read_errors(allowed) == []
+    assert [s.meta["caption"] for s in _samples(allowed) if s.meta["source_uri"] == outside] == ["from elsewhere"]
+
+
 def test_latents_follow_the_source(tmp_path):
     expected = write_clips(tmp_path / "src", 2, seconds=2.3)
     out = str(tmp_path / "out")
