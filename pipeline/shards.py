@@ -23,7 +23,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -136,10 +136,25 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def build_tar(samples: Iterable[Sample]) -> bytes:
-    """Serialise samples into deterministic tar bytes (payload then json per sample)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+class _Digest:
+    """A write-only file that passes bytes on and keeps their sha256 and count (tarfile needs write and tell)."""
+
+    def __init__(self, out: IO[bytes]):
+        self.out, self.sha256, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_tar(samples: Iterable[Sample], out: IO[bytes]) -> None:
+    """Serialise samples as a deterministic tar into ``out`` (payload then json per sample), one member at a time."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             if not KEY_RE.match(sample.key):
                 raise ShardFormatError(f"sample key {sample.key!r} does not match {KEY_RE.pattern}")
@@ -151,23 +166,31 @@ def build_tar(samples: Iterable[Sample]) -> bytes:
                 raise ShardFormatError(f"sample {sample.key} has neither latents nor flac")
             meta = json.dumps(sample.meta, sort_keys=True, allow_nan=False).encode()
             _add(tar, f"{sample.key}.json", meta)
+
+
+def build_tar(samples: Iterable[Sample]) -> bytes:
+    """The tar of :func:`write_tar` as bytes (small shards, tests)."""
+    buf = io.BytesIO()
+    write_tar(samples, buf)
     return buf.getvalue()
 
 
 def write_shard(out: str, name: str, samples: list[Sample], errors: list[dict[str, str]] | None = None) -> ShardStats:
     """Upload the tar, then its stats marker: a crash in between leaves no marker, so the shard is redone.
 
-    ``errors`` (inputs of this shard that were not encoded) are recorded in the marker."""
-    data = build_tar(samples)
+    The tar streams to a temp file (an audio shard of 256 x 95 s is gigabytes: the samples' payloads are its only
+    copy in memory). ``errors`` (inputs of this shard that were not encoded) are recorded in the marker."""
+    with storage.open_write(tar_uri(out, name)) as file:
+        digest = _Digest(file)
+        write_tar(samples, digest)
     stats = ShardStats(
         name=name,
         samples=len(samples),
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=digest.size,
+        sha256=digest.sha256.hexdigest(),
         seconds=round(sum(s.seconds for s in samples), 3),
         errors=list(errors or []),
     )
-    storage.write_bytes(tar_uri(out, name), data)
     storage.write_text(stats_uri(out, name), json.dumps(stats.__dict__, sort_keys=True))
     return stats
 

@@ -13,6 +13,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -237,6 +238,35 @@ def create_text(uri: str | os.PathLike, text: str) -> bool:
         response = getattr(exc.__cause__, "response", {})
         if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:  # PreconditionFailed: it exists
             return False
+        raise
+
+
+@contextlib.contextmanager
+def open_write(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write ``uri`` through, for objects too large to hold in memory; atomic like every write.
+
+    What the block writes goes to a temp file (locally beside ``uri``, renamed over it; for S3 under ``TMPDIR``,
+    uploaded with retries like :func:`write_file`) when the block ends; if the block raises, nothing is written.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        with tempfile.TemporaryDirectory(prefix="lp-write-") as tmp:
+            path = os.path.join(tmp, "object")
+            with open(path, "wb") as out:
+                yield out
+            write_file(uri, path)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

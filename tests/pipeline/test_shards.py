@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -87,6 +88,36 @@ def test_verify_catches_a_flipped_byte(tmp_path):
         [sys.executable, "-m", "pipeline.cli", "shards", "verify", out], capture_output=True, text=True
     )
     assert cli.returncode == 1
+
+
+def test_write_shard_streams_the_tar_and_keeps_its_bytes(tmp_path, monkeypatch):
+    """Issue 15 item 5: the tar goes to a file as it is built, never whole into memory, and its bytes are the ones
+    the in-memory writer made before (the sha256 below was computed with it, so resumed outputs stay valid)."""
+
+    def held(*_args, **_kwargs):
+        raise AssertionError("the whole tar was built in memory")
+
+    write_bytes = storage.write_bytes
+
+    def no_tar_bytes(uri, data):
+        assert not str(uri).endswith(".tar"), "the whole tar was uploaded from memory"
+        write_bytes(uri, data)
+
+    monkeypatch.setattr(shards, "build_tar", held)
+    monkeypatch.setattr(storage, "write_bytes", no_tar_bytes)
+    samples = [_sample(i) for i in range(3)]
+    samples.append(shards.Sample(key="f0000", meta=dict(samples[0].meta), flac=b"fLaC" + bytes(range(256)) * 4000))
+    stats = shards.write_shard(str(tmp_path), "train-000000", samples, [{"source_uri": "/x.wav", "reason": "empty:"}])
+    golden = "be2625d97ed78f3d1baad9152994c4863ee49de68c55ffe3a76548e8bf155091"
+    data = (tmp_path / "shards" / "train-000000.tar").read_bytes()
+    assert stats.sha256 == hashlib.sha256(data).hexdigest() == golden and stats.bytes == len(data) == 1034240
+    assert [s.key for s in shards.read_shard(shards.tar_uri(str(tmp_path), "train-000000"))] == [
+        "s0000",
+        "s0001",
+        "s0002",
+        "f0000",
+    ]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["train-000000.stats.json", "train-000000.tar"]
 
 
 @pytest.mark.parametrize("name", ["../evil.json", "a/b.json", "k.exe", "bad key.json"])
