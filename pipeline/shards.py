@@ -30,7 +30,7 @@ import numpy as np
 from pipeline import storage
 
 FORMAT_VERSION = 1
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+KEY_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")  # \Z, not $: "$" also matches before a final "\n"
 SHARD_NAME_RE = re.compile(r"[a-z0-9]+-[0-9]{6,}")  # shard_name(): SPLIT-NNNNNN, SPLIT as PreprocessConfig.split
 PAYLOADS = ("latents.npy", "flac")
 REQUIRED_META = (
@@ -156,7 +156,7 @@ def write_tar(samples: Iterable[Sample], out: IO[bytes]) -> None:
     """Serialise samples as a deterministic tar into ``out`` (payload then json per sample), one member at a time."""
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
-            if not KEY_RE.match(sample.key):
+            if not KEY_RE.fullmatch(sample.key):
                 raise ShardFormatError(f"sample key {sample.key!r} does not match {KEY_RE.pattern}")
             if sample.latents is not None:
                 _add(tar, f"{sample.key}.latents.npy", npy_bytes(sample.latents.astype(np.float16)))
@@ -202,7 +202,7 @@ def read_stats(out: str, name: str) -> ShardStats:
 # ----------------------------------------------------------------------------------------------- read
 def _split_member(name: str, where: str) -> tuple[str, str]:
     key, dot, ext = name.partition(".")
-    if not dot or "/" in name or not KEY_RE.match(key) or ext not in (*PAYLOADS, "json"):
+    if not dot or "/" in name or not KEY_RE.fullmatch(key) or ext not in (*PAYLOADS, "json"):
         raise ShardFormatError(f"{where}: unexpected member {name!r}")
     return key, ext
 

@@ -131,8 +131,21 @@ def test_member_names_are_validated_when_read(name):
         list(shards.iter_tar(buf.getvalue()))
 
 
-def test_keys_are_validated_when_written():
+@pytest.mark.parametrize("key", ["has space", "s0001\n", "\ns0001", ""])
+def test_keys_are_validated_when_written(key):
     bad = _sample(0)
-    bad.key = "has space"
+    bad.key = key
     with pytest.raises(shards.ShardFormatError):
         shards.build_tar([bad])
+
+
+def test_a_key_with_a_trailing_newline_is_refused_when_read():
+    """KEY_RE must not take a key that ends in a newline ("$" matches before one): its members are refused."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("s0001\n.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(shards.ShardFormatError, match="unexpected member"):
+        list(shards.iter_tar(buf.getvalue()))
+    assert shards.KEY_RE.match("s0001\n") is None and shards.KEY_RE.match("s0001_a1")
