@@ -203,12 +203,22 @@ def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     if storage.is_s3(uri):
         prefix = uri.rstrip("/")
-        for obj in storage.list_uris(prefix):
-            rel = obj[len(prefix) + 1 :]
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst / rel).write_bytes(storage.read_bytes(obj))
+        objs = [obj for obj in storage.list_uris(prefix) if not obj.endswith("/")]  # not folder markers
+        files = {obj: _inside(dst, obj[len(prefix) + 1 :], obj) for obj in objs}
+        for obj, path in files.items():  # every key checked before the first byte is written
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(storage.read_bytes(obj))
         return dst
     import mlflow
 
     source = resolve_model_source(uri) if uri.startswith("models:/") else uri
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
+
+
+def _inside(root: Path, rel: str, obj: str) -> Path:
+    """``root / rel``, refused when the key's ``..``, a leading ``/`` or a link in ``root`` lead elsewhere: an S3 key
+    is data, and ``model/../../x`` must not choose where a download writes."""
+    path = (root / rel).resolve()
+    if not rel or not path.is_relative_to(root.resolve()) or path == root.resolve():
+        raise storage.StorageError(f"{obj}: the key leads outside the download folder {root}; refusing to download")
+    return path
