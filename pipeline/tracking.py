@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 REGISTERED_ALIAS = "current"  # MLflow rejects the alias name "latest"; models:/NAME@latest resolves to the newest
 MAX_PARAM_CHARS = 500
 RUN_KEY_TAG = "longplay.run_key"
+_FILTER_UNSAFE = re.compile(r"['\"\\]")  # what ends or escapes a quoted value in an MLflow filter
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:
@@ -50,6 +52,21 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def filter_equals(field: str, value: str) -> str:
+    """A clause of an MLflow search filter that matches ``field = value`` for any string (and maybe more: see below).
+
+    MLflow's filter grammar has no escapes: a quoted value ends at its next quote (a ``'`` in a run key broke the
+    search), and inside ``'...'`` a final backslash swallows the quote. A value without ``"`` is double-quoted
+    (MLflow reads "..." as a string; ``'`` and ``\\`` are plain there). A value holding ``"`` becomes a LIKE in which
+    every quote and backslash is ``_`` (any one character). That, and case-insensitive collations of some SQL
+    backends, may match other values too: callers keep only the results whose value is ``value``.
+    """
+    if '"' not in value:
+        return f'{field} = "{value}"'
+    pattern = _FILTER_UNSAFE.sub("_", value)
+    return f"{field} LIKE '{pattern}'"
 
 
 class Tracker:
@@ -81,11 +98,12 @@ class Tracker:
         if run_id is None and run_key is not None:
             found = mlflow.search_runs(
                 experiment_ids=[experiment_id],
-                filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}' and attributes.status = 'RUNNING'",
+                filter_string=f"{filter_equals(f'tags.`{RUN_KEY_TAG}`', run_key)} and attributes.status = 'RUNNING'",
                 order_by=["attributes.start_time DESC"],
-                max_results=1,
+                max_results=100,
                 output_format="list",
             )
+            found = [r for r in found if r.data.tags.get(RUN_KEY_TAG) == run_key]
             run_id = found[0].info.run_id if found else None
         self.resumed = run_id is not None
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics)
@@ -186,7 +204,7 @@ def resolve_model_source(uri: str) -> str:
 
 
 def _newest_version(client: Any, name: str) -> str:
-    versions = client.search_model_versions(f"name='{name}'")
+    versions = [v for v in client.search_model_versions(filter_equals("name", name)) if v.name == name]
     if not versions:
         raise FileNotFoundError(f"models:/{name}: no registered versions")
     return str(max(int(v.version) for v in versions))
