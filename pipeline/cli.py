@@ -12,16 +12,48 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pipeline.config import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes at most this
 
 
 class UsageError(Exception):
     """Bad usage; the message is printed as one line and the command exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as a :class:`UsageError`: one line naming the argument, exit 2, like a config error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("longplay").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
+def bounded(kind: type[int] | type[float], low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse ``type``: a finite ``kind`` in [low, high] (``above``: strictly greater than ``low``), so that
+    ``--steps 0`` or ``--seconds nan`` is a usage error naming the flag, not a traceback from deep in a sampler."""
+    noun = "an integer" if kind is int else "a number"
+    limits = [f"{'>' if above else '>='} {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+    wanted = " ".join([noun, " and ".join(limit for limit in limits if limit)]).strip()
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        too_low = low is not None and (value <= low if above else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in its own messages
+    return parse
 
 
 def _handler(path: str) -> Callable[[argparse.Namespace], int]:
@@ -30,7 +62,7 @@ def _handler(path: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longplay", description="Stable Audio as a distributed training system")
+    parser = _Parser(prog="longplay", description="Stable Audio as a distributed training system")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -100,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundle: local dir, s3:// prefix or models:/name@alias")
     p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
     p.add_argument("--prompts", help="a file with one prompt per line; -o is then a directory")
-    p.add_argument("--seconds", type=float, required=True, help="length of the output in seconds")
-    p.add_argument("--seconds-start", type=float, default=0.0, help="timing condition: where the crop starts")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=bounded(float, 0, above=True), required=True, help="length of the output (s)")
+    p.add_argument("--seconds-start", type=bounded(float, 0), default=0.0, help="timing condition: crop start (s)")
+    p.add_argument("--steps", type=bounded(int, 1), default=50, help="sampler steps")
+    p.add_argument("--cfg", type=bounded(float, 0), default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=bounded(int, 0, SEED_MAX), default=0, help="sampling seed")
     p.add_argument("--sampler", default="dpmpp-3m-sde", choices=["dpmpp-3m-sde", "dpmpp-2m", "euler"])
     p.add_argument("-o", "--output", required=True, help="F.wav (or a directory with --prompts)")
     p = command(sub, "evaluate", "pipeline.evaluate:evaluate_command", "generate for a prompt file, then the metrics")
@@ -156,7 +188,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_args(parser, argv)
+    try:
+        args = parse_args(parser, argv)
+    except UsageError as err:
+        print(f"longplay: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -68,3 +68,30 @@ def test_load_clap_gives_the_frozen_clap_and_its_tokenizer(bundle_dir):
     assert ids.shape == mask.shape and mask.sum() > 0
     with pytest.raises(ValueError, match=r"bundle\d*: not a clap export \(kind='diffusion'\)"):
         generate.load_clap(str(bundle_dir))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--steps", "0"),
+        ("--steps", "-3"),
+        ("--steps", "2.5"),
+        ("--seconds", "0"),
+        ("--seconds", "nan"),
+        ("--seconds", "inf"),
+        ("--seconds-start", "-1"),
+        ("--cfg", "-0.5"),
+        ("--cfg", "nan"),
+        ("--seed", "-1"),
+        ("--seed", str(2**64)),
+    ],
+)
+def test_out_of_range_numbers_exit_2_naming_the_flag(flag, value, tmp_path, capsys):
+    """Issue 15 item 14: checked before anything loads (the model path does not even exist), one line, exit 2."""
+    from pipeline import cli
+
+    argv = ["generate", str(tmp_path / "no-model"), "a prompt", "--seconds", "1", "-o", str(tmp_path / "x.wav")]
+    assert cli.main([*argv, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"argument {flag}:" in err and value in err, err
+    assert not (tmp_path / "x.wav").exists()
