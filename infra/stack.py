@@ -22,7 +22,6 @@ dir, also on 127.0.0.1, joined to the head with the same token and environment (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -31,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -79,8 +79,8 @@ class StackState:
 
     ports: dict[str, int] = field(default_factory=dict)
     pgids: dict[str, int] = field(default_factory=dict)
-    ray_temp_dir: str = ""
-    # joined Ray nodes: name ("node1", ...) → {"pgid": process group, "temp_dir": Ray temp dir, "ports": {flag: port}}
+    ray_temp_dir: str = ""  # the head's private folder (0700), holding Ray's --temp-dir as ray/
+    # joined Ray nodes: name ("node1", ...) → {"pgid": process group, "temp_dir": its private folder, "ports": {...}}
     nodes: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -403,8 +403,10 @@ def _start_mlflow(state_dir: Path, state: StackState) -> None:
 def _ensure_ray_token() -> None:
     token = Path.home() / ".ray" / "auth_token"
     if not token.exists():
-        subprocess.run([_bin("ray"), "get-auth-token", "--generate"], check=True, capture_output=True)  # noqa: S603
-    os.chmod(token, 0o600)
+        # Ray writes it with the default mode (0644 under umask 022): umask 077 makes it 0600, ~/.ray 0700, at once
+        cmd = [_bin("ray"), "get-auth-token", "--generate"]
+        subprocess.run(cmd, check=True, capture_output=True, umask=0o077)  # noqa: S603
+    os.chmod(token, 0o600)  # a token an older version (or Ray) wrote
 
 
 def _ray_env(state_dir: Path) -> dict[str, str]:
@@ -424,11 +426,26 @@ def _ray_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
+def _private_dir(previous: str = "") -> str:
+    """A new folder only this user can enter, for one Ray node's files; ``previous`` (the last start's) is removed.
+
+    ``mkdtemp`` creates it atomically 0700, owned by us, under a random name: Ray makes its ``--temp-dir`` 0777, and
+    a predictable path in a shared /tmp let another local user create it first or swap a job's unpacked working_dir.
+    Ray gets ``ray/`` inside it (:func:`_ray_temp`). It is under /tmp, not $TMPDIR, because Ray's unix socket paths
+    live below it and must stay short.
+    """
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
+    return tempfile.mkdtemp(prefix="lp-", dir="/tmp")  # noqa: S108
+
+
+def _ray_temp(private_dir: str) -> str:
+    return os.path.join(private_dir, "ray")
+
+
 def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None:
     _ensure_ray_token()
-    # Ray's unix socket paths must stay short, so its temp dir is /tmp/lp-<hash of the state dir>.
-    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
-    state.ray_temp_dir = f"/tmp/lp-{digest}"  # noqa: S108
+    state.ray_temp_dir = _private_dir(state.ray_temp_dir)
     cmd = [
         _bin("ray"),
         "start",
@@ -439,7 +456,7 @@ def _start_ray(state_dir: Path, state: StackState, num_cpus: int | None) -> None
         f"--dashboard-host={HOST}",
         f"--dashboard-port={state.ports['ray_dashboard']}",
         f"--ray-client-server-port={state.ports['ray_client']}",
-        f"--temp-dir={state.ray_temp_dir}",
+        f"--temp-dir={_ray_temp(state.ray_temp_dir)}",
         f"--num-cpus={num_cpus or os.cpu_count() or 2}",
         "--include-dashboard=true",
         "--disable-usage-stats",
@@ -560,7 +577,7 @@ def join(state_dir: Path, num_cpus: int = 1) -> str:
         raise StackError(f"no healthy Ray head under {state_dir}; run `longplay stack up` first")
     number = 1 + max((int(n.removeprefix("node")) for n in state.nodes), default=0)
     name = f"node{number}"
-    node = {"pgid": 0, "temp_dir": f"{state.ray_temp_dir}-{name}", "ports": {}}
+    node = {"pgid": 0, "temp_dir": _private_dir(), "ports": {}}
     log = state_dir / "logs" / f"ray-{name}.log"
     for attempt in range(3):  # free ports are picked before the raylet binds them: another process may win the race
         taken = set(state.ports.values()) | {p for n in state.nodes.values() for p in n["ports"].values()}
@@ -575,7 +592,7 @@ def join(state_dir: Path, num_cpus: int = 1) -> str:
             "--block",
             f"--address={HOST}:{state.ports['ray_gcs']}",
             f"--node-ip-address={HOST}",
-            f"--temp-dir={node['temp_dir']}",
+            f"--temp-dir={_ray_temp(node['temp_dir'])}",
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             *(f"--{flag}={port}" for flag, port in node["ports"].items()),

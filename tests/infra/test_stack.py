@@ -59,6 +59,47 @@ def test_up_is_idempotent_and_secrets_stay_private(local_stack):
     assert secret not in (local_stack.state_dir / "stack.json").read_text()
 
 
+def test_ray_token_is_created_private(tmp_path, monkeypatch):
+    """Issue 15 item 15: the token is 0600 from the moment Ray writes it, not only after our chmod (before: 0644)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # Path.home() here, ~ for the ray CLI
+    monkeypatch.setattr(stack.os, "chmod", lambda *args: None)  # see the mode Ray's own write left
+    umask = os.umask(0o022)  # the usual default, under which the token used to be world-readable
+    try:
+        stack._ensure_ray_token()
+    finally:
+        os.umask(umask)
+    token = tmp_path / ".ray" / "auth_token"
+    assert len(token.read_text().strip()) >= 32
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+
+
+def _private(path: str) -> None:
+    info = os.lstat(path)
+    assert stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid(), path
+    assert stat.S_IMODE(info.st_mode) == 0o700, f"{path}: {oct(info.st_mode)}"
+
+
+def test_ray_files_live_in_a_private_folder(local_stack):
+    """Issue 15 item 13: the head's and a joined node's Ray temp dirs (Ray makes them 0777) sit in folders that are
+    0700, ours, and named at random (before: /tmp/lp-<hash of the state dir>, itself 0777)."""
+    import hashlib
+
+    state = local_stack.state
+    predictable = f"/tmp/lp-{hashlib.sha256(str(local_stack.state_dir.resolve()).encode()).hexdigest()[:8]}"
+    assert state.ray_temp_dir != predictable
+    _private(state.ray_temp_dir)
+    assert os.path.isdir(os.path.join(state.ray_temp_dir, "ray", "session_latest"))  # Ray's files are in there
+    name = stack.join(local_stack.state_dir, num_cpus=1)
+    try:
+        node_dir = local_stack.state.nodes[name]["temp_dir"]
+        _private(node_dir)
+        assert os.path.isdir(os.path.join(node_dir, "ray")) and node_dir != state.ray_temp_dir
+    finally:
+        stack.leave(local_stack.state_dir, name)
+    assert not os.path.exists(node_dir)
+
+
 def test_status_command_reports_healthy(local_stack):
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "stack", "status", "--state-dir", str(local_stack.state_dir)],
