@@ -4,6 +4,10 @@
     → audio shards on S3 (--vae none) → train a tiny VAE → latent shards on S3 (the trained VAE)
     → train CLAP → train diffusion (conditioned on that CLAP) → generate at several lengths → evaluate
 
+The held-out pieces are also what every training run scores itself on at its checkpoints (``data.holdout_shards``):
+the VAE's reconstruction of their audio, CLAP's caption → audio retrieval among their latents, the diffusion
+model's timing and CLAP score on their captions. Those learning figures go to MLflow, ``report.json`` and the table.
+
 Every stage is the same code the CLI runs (``preprocess.job.run``, ``train.launch.launch``,
 ``pipeline.evaluate.evaluate_model``) against the local stack, so the demo is also a smoke test of a user's path.
 Everything lands under ``STATE_DIR/demo/`` (``data/``, ``reference/``, ``generated/*.wav``, ``report.json``) and in
@@ -35,7 +39,7 @@ BUCKET = "s3://longplay/demo"
 # Excerpt lengths: about a third of the pieces are shorter than the 8 s training window, which is what teaches the
 # model to end on time (their crops carry seconds_total < window, padded with the VAE's silence).
 EXCERPT_SECONDS = (3.0, 20.0)
-LENGTHS = (3.0, 5.0, 8.0)  # requested seconds, cycled over the evaluation prompts: within the 8 s training window
+LENGTHS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # requested seconds, cycled over the prompts: the 8 s training window
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,11 @@ def train(kind: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return dict(result.metrics or {})
 
 
+def holdout(out: str) -> dict[str, Any]:
+    """Training overrides that score a run on every held-out piece of ``out`` (a preprocess OUT) at checkpoints."""
+    return {"data.holdout_shards": out, "data.holdout_split": "train", "data.holdout_samples": 64}
+
+
 def write_prompts(demo_dir: Path, reference_out: str) -> Path:
     """One prompt per reference piece: its caption, its sample key as id (KL pairs by id), a length from LENGTHS."""
     from pipeline import shards
@@ -174,21 +183,25 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
     dataset = timer.stage("data demo", build_data, work, size)
     timer.stage("preprocess audio", preprocess, work / "data", audio, "none")
     timer.stage("preprocess reference", preprocess, work / "reference", reference, "none")
+    reference_latents = f"{BUCKET}/{p}/reference-latents"
     runs = {}
     runs["vae"] = timer.stage(
         "train vae",
         train,
         "vae",
         {**common, "data.shards": audio, "run.name": f"{p}-vae", "run.max_steps": size.vae_steps,
-         "run.checkpoint_every": max(1, size.vae_steps // 2), "run.demo_every": size.vae_steps},
+         "run.checkpoint_every": max(1, size.vae_steps // 2), "run.demo_every": size.vae_steps,
+         **holdout(reference)},
     )  # fmt: skip
     timer.stage("preprocess latents", preprocess, work / "data", latents, vae_uri)
+    timer.stage("preprocess reference latents", preprocess, work / "reference", reference_latents, vae_uri)
     runs["clap"] = timer.stage(
         "train clap",
         train,
         "clap",
         {**common, "data.shards": latents, "model.vae": vae_uri, "run.name": f"{p}-clap",
-         "run.max_steps": size.clap_steps, "run.checkpoint_every": max(1, size.clap_steps // 2)},
+         "run.max_steps": size.clap_steps, "run.checkpoint_every": max(1, size.clap_steps // 2),
+         **holdout(reference_latents)},
     )  # fmt: skip
     runs["diffusion"] = timer.stage(
         "train diffusion",
@@ -196,7 +209,7 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         "diffusion",
         {**common, "data.shards": latents, "model.vae": vae_uri, "model.clap": clap_uri, "run.name": f"{p}-diffusion",
          "run.max_steps": size.diffusion_steps, "run.checkpoint_every": max(1, size.diffusion_steps // 2),
-         "run.demo_every": size.diffusion_steps},
+         "run.demo_every": size.diffusion_steps, **holdout(reference_latents)},
     )  # fmt: skip
     prompts = write_prompts(work, reference)
     evaluation = timer.stage(
@@ -226,11 +239,59 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         ],
         "metrics": evaluation["metrics"],
         "table": evaluation["table"],
+        "learning": learning_figures(runs, evaluation["metrics"]),
+        "spectrograms": spectrograms(evaluation["files"], work / "reference", demo_dir / "spectrograms"),
         "timings_s": {**timer.seconds, "total": timer.total},
         "evaluation_run_id": evaluation["mlflow_run_id"],
     }
     (demo_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+LEARNING_KEYS = {
+    "vae": ("vae_spectral_convergence", "vae_log_mel_distance", "vae_waveform_error", "vae_envelope_correlation",
+            "vae_log_spectrogram_correlation", "vae_silence_below_music_db"),
+    "clap": ("recall_at_1", "recall_at_5", "recall_chance_at_1", "holdout_candidates"),
+    "diffusion": ("holdout_timing_median_abs_error_s", "holdout_timing_within_1s", "holdout_clap_score_matched",
+                  "holdout_clap_score_shuffled"),
+}  # fmt: skip
+
+
+def learning_figures(runs: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """What says the models learned, on the held-out pieces: each run's figures at its last checkpoint, and the
+    final evaluation's timing and CLAP score (matched vs shuffled pairs)."""
+    out = {kind: {k: runs[kind][k] for k in keys if k in runs.get(kind, {})} for kind, keys in LEARNING_KEYS.items()}
+    timing = metrics.get("timing") or {}
+    out["evaluation"] = {
+        "timing_median_abs_error_s": timing.get("median_abs_error_s"),
+        "timing_within_1s": timing.get("within_tolerance"),
+        "clap_score_matched": metrics.get("clap_score"),
+        "clap_score_shuffled": metrics.get("clap_score_shuffled"),
+    }
+    return out
+
+
+def spectrograms(files: list[dict[str, Any]], reference: Path, out: Path) -> list[str]:
+    """PNG spectrograms of the first generated file and of the held-out piece its prompt came from."""
+    import soundfile as sf
+
+    from train.diffusion import write_spectrogram
+
+    if not files:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    row = files[0]
+    rows = [json.loads(line) for line in (reference / "manifest.jsonl").read_text().splitlines() if line]
+    source = next((r for r in rows if r["caption"] == row["prompt"]), None)  # prompts are the pieces' captions
+    pairs = [(Path(row["path"]), f"generated: {row['prompt']}", out / "generated.png")]
+    if source is not None:
+        pairs.append((reference / source["path"], f"reference: {source['caption']}", out / "reference.png"))
+    written = []
+    for wav, title, png in pairs:
+        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
+        seconds = row["seconds"]
+        written.append(str(write_spectrogram(png, audio.T[:, : round(seconds * rate)], rate, title)))
+    return written
 
 
 def _evaluate(model: str, prompts: Path, reference: str, demo_dir: Path, size: Size) -> dict[str, Any]:
@@ -253,6 +314,10 @@ def print_report(report: dict[str, Any]) -> None:
     for row in report["generated"]:
         print(f"  {row['path']}  {row['seconds']:g} s  (non-silent {row['nonsilent_seconds']:.1f} s)  {row['prompt']}")
     print("\nmetrics:\n" + report["table"])
+    print("\nlearning figures on the held-out pieces:")
+    for kind, figures in report["learning"].items():
+        for name, value in figures.items():
+            print(f"  {kind:10s} {name:36s} {'n/a' if value is None else f'{value:.4g}'}")
     print(f"\nMLflow: {report['mlflow_url']} (experiment {report['experiment']})")
 
 

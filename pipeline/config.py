@@ -29,7 +29,8 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------------------------- shared blocks
 class RunConfig(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$", description="run name; same name resumes")
+    # The name becomes a folder under checkpoint_uri: no leading dot or dash ('.', '..', hidden, option-like).
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="run name; same name resumes")
     checkpoint_uri: str = Field(".longplay/checkpoints", description="local dir or s3:// prefix for checkpoints")
     experiment: str = Field("longplay", description="MLflow experiment name")
     max_steps: int = Field(1000, ge=1, description="optimizer steps to train for")
@@ -74,13 +75,29 @@ class DataSection(Section):
     window_seconds: float = Field(10.0, gt=0, description="training crop length in seconds")
     shuffle_buffer: int = Field(256, ge=0, description="samples in the seeded shuffle buffer")
     num_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
-    holdout_split: str | None = Field(None, description="split used for evaluation (e.g. CLAP recall)")
+    holdout_split: str | None = Field(None, description="held-out split scored at every checkpoint (off if unset)")
+    holdout_shards: str | None = Field(
+        None, description="preprocess OUT that holds holdout_split (default: data.shards itself)"
+    )
+    holdout_samples: int = Field(64, ge=1, description="held-out samples scored at each checkpoint (the first N)")
 
 
 class ModelSection(Section):
     preset: Literal["tiny", "sa1", "sa-open"] = Field("tiny", description="model size preset")
     vae: str | None = Field(None, description="autoencoder URI (diffusion demo decode / VAE resume)")
     clap: str | None = Field(None, description="trained CLAP URI (diffusion conditioning)")
+
+
+class VaeLossSection(Section):
+    """The autoencoder's training objective (train vae only)."""
+
+    adversarial: bool = Field(
+        True, description="add the STFT discriminator's hinge + feature-matching terms (the paper's recipe)"
+    )
+    kl_weight: float = Field(1e-4, ge=0, description="weight of the posterior's KL term")
+    magnitude_floor: float = Field(
+        1e-4, gt=0, description="STFT magnitudes are floored here before the log (auraloss/stable-audio-tools: 1e-4)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- stage configs
@@ -97,6 +114,11 @@ class TrainConfig(Section):
     cfg_dropout: float = Field(0.1, ge=0, le=1, description="diffusion: prob. of dropping text+timing")
     demo_prompts: list[str] = Field(default_factory=lambda: ["solo piano in C major"], description="demo prompts")
     demo_seconds: list[float] = Field(default_factory=lambda: [4.0, 8.0], description="demo lengths (s)")
+    holdout_seconds: list[float] = Field(
+        default_factory=lambda: [2.0, 4.0, 6.0, 8.0],
+        description="diffusion: lengths requested for the held-out captions (cycled) when timing is scored",
+    )
+    vae: VaeLossSection = VaeLossSection()
 
 
 class AugmentSection(Section):

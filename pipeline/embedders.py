@@ -363,7 +363,7 @@ def evaluate(
     else:
         report.notes.append("FD and KL: no reference set given; not computed")
     if embedders.text_audio is not None:
-        report.clap_score = metrics.clap_score(
+        report.clap_score, report.clap_score_shuffled = metrics.clap_scores(
             embedders.text_audio, [prompts[i] for i in ids], [generated[i] for i in ids]
         )
     if seconds_total is not None:

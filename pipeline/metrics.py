@@ -279,6 +279,14 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def clap_score(embedder: TextAudioEmbedder, prompts: Sequence[str], audio: Sequence[AudioInput]) -> float:
     """Mean cosine similarity between each prompt's text embedding and the embedding of its audio (row i of each),
     resampled to the embedder's rate and peak-normalised to -1 dBFS."""
+    return clap_scores(embedder, prompts, audio)[0]
+
+
+def clap_scores(
+    embedder: TextAudioEmbedder, prompts: Sequence[str], audio: Sequence[AudioInput]
+) -> tuple[float, float | None]:
+    """(matched, shuffled): the CLAP score of :func:`clap_score`, and the mean similarity of every prompt with every
+    *other* file (None for a single file). Matched above shuffled is what says the audio follows its prompt."""
     if len(prompts) != len(audio) or not prompts:
         raise ValueError(f"need as many prompts as audio files (>= 1), got {len(prompts)} and {len(audio)}")
     text = np.asarray(embedder.embed_text(list(prompts)))  # (B, P)
@@ -286,7 +294,20 @@ def clap_score(embedder: TextAudioEmbedder, prompts: Sequence[str], audio: Seque
     for item in audio:
         samples, sr = load_audio(item)
         sound.append(embedder.embed_audio(peak_normalize(resample(samples, sr, embedder.sample_rate))))
-    return float(cosine_similarity(text, np.stack(sound)).mean())
+    return matched_and_shuffled(text, np.stack(sound))
+
+
+def matched_and_shuffled(text: np.ndarray, audio: np.ndarray) -> tuple[float, float | None]:
+    """Text (B, P) and audio (B, P) embeddings → (mean cosine of row i with row i, mean cosine over pairs i ≠ j)."""
+    a = np.asarray(text, dtype=np.float64)
+    b = np.asarray(audio, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-8)
+    sims = a @ b.T  # (B, B)
+    n = len(sims)
+    matched = float(np.trace(sims) / n)
+    shuffled = float((sims.sum() - np.trace(sims)) / (n * (n - 1))) if n > 1 else None
+    return matched, shuffled
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -371,6 +392,7 @@ class MetricsReport:
     fd: float | None = None
     kl: float | None = None
     clap_score: float | None = None
+    clap_score_shuffled: float | None = None  # the same embedder on mismatched prompt/audio pairs (a baseline)
     timing: TimingAccuracy | None = None
     embedders: dict[str, str] = field(default_factory=dict)  # metric ("fd", "kl", "clap_score") -> embedder name
     kl_direction: str = "reference||generated"
@@ -398,6 +420,8 @@ class MetricsReport:
         """Numbers only, named "<metric>.<embedder>" (MLflow-safe names: no brackets), for log_metrics."""
         out = {f"{m}.{self.embedders.get(m, 'none')}": getattr(self, m) for m in ("fd", "kl", "clap_score")}
         out = {name: float(value) for name, value in out.items() if value is not None}
+        if self.clap_score_shuffled is not None:
+            out[f"clap_score_shuffled.{self.embedders.get('clap_score', 'none')}"] = self.clap_score_shuffled
         if self.timing is not None:
             out["timing.median_abs_error_s"] = self.timing.median_abs_error_s
             out["timing.within_tolerance"] = self.timing.within_tolerance
@@ -428,6 +452,9 @@ def format_table(report: MetricsReport) -> str:
         value = getattr(report, metric)
         paper = "yes" if report.is_paper(metric) else "no"
         rows.append((report.label(metric), _fmt(value), report.embedders.get(metric, "-"), paper))
+        if metric == "clap_score" and report.clap_score_shuffled is not None:
+            label = report.label(metric) + " shuffled pairs"
+            rows.append((label, _fmt(report.clap_score_shuffled), report.embedders.get(metric, "-"), paper))
     if report.timing is not None:
         t = report.timing
         rows.append(("timing median |error| (s)", _fmt(t.median_abs_error_s, 3), "-", "ours"))

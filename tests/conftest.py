@@ -70,3 +70,17 @@ def ray_on_stack(local_stack) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_music(tmp_path_factory) -> Path:
+    """About a minute of real music (the demo dataset's renderer: music21 corpus + fluidsynth), 3-10 s excerpts:
+    OUT/manifest.jsonl + OUT/audio/*.wav. Skips where the renderer's tools are missing."""
+    from preprocess.demo_dataset import build_demo_dataset, require_tools
+
+    missing = require_tools()
+    if missing:
+        pytest.skip(f"fluidsynth/soundfont/music21 missing: run `{missing}`")
+    out = tmp_path_factory.mktemp("demo-music")
+    build_demo_dataset(out, minutes=1.0, min_seconds=3.0, max_seconds=10.0)
+    return out

@@ -7,6 +7,7 @@ The full-size demo (`make demo`) runs the same stages with more music and steps;
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -27,7 +28,7 @@ def test_quick_demo_runs_every_stage(local_stack):
     assert on_disk["metrics"] == report["metrics"]
     expected_stages = {
         "stack up", "data demo", "preprocess audio", "preprocess reference", "train vae", "preprocess latents",
-        "train clap", "train diffusion", "generate + evaluate", "total",
+        "preprocess reference latents", "train clap", "train diffusion", "generate + evaluate", "total",
     }  # fmt: skip
     assert set(report["timings_s"]) == expected_stages and all(t >= 0 for t in report["timings_s"].values())
     assert report["timings_s"]["total"] >= sum(t for name, t in report["timings_s"].items() if name != "total") - 0.5
@@ -37,7 +38,7 @@ def test_quick_demo_runs_every_stage(local_stack):
     for row in report["generated"]:
         info = sf.info(row["path"])
         assert (info.samplerate, info.channels, info.frames) == (44100, 2, round(row["seconds"] * 44100))
-    assert sorted(r["seconds"] for r in report["generated"]) == [3.0, 5.0]
+    assert sorted(r["seconds"] for r in report["generated"]) == [2.0, 3.0]
 
     # metrics: every one computed, each naming its embedder
     metrics = report["metrics"]
@@ -45,6 +46,16 @@ def test_quick_demo_runs_every_stage(local_stack):
         assert isinstance(metrics[name], float), name
         assert metrics["embedders"][name] and not metrics["paper_embedders"][name]
     assert metrics["timing"]["count"] == 2
+
+    # the learning figures: every training run scored itself on the held-out pieces at its last checkpoint
+    learning = report["learning"]
+    assert 0.0 <= learning["vae"]["vae_spectral_convergence"] < 2.0
+    assert learning["vae"]["vae_silence_below_music_db"] > 40.0  # bias-free VAE: silence decodes to silence
+    assert learning["clap"]["holdout_candidates"] == 2 and learning["clap"]["recall_chance_at_1"] == 0.5
+    assert 0.0 <= learning["diffusion"]["holdout_timing_within_1s"] <= 1.0
+    assert set(learning["diffusion"]) >= {"holdout_clap_score_matched", "holdout_clap_score_shuffled"}
+    assert learning["evaluation"]["clap_score_shuffled"] is not None
+    assert [Path(p).name for p in report["spectrograms"]] == ["generated.png", "reference.png"]
 
     # the latent shards were encoded with the trained VAE, not a preset
     latents = shards.read_index("s3://longplay/demo/demo-quick/latents")

@@ -250,6 +250,28 @@ def batches_from(
     return make
 
 
+def holdout(
+    cfg: Any, window: int, rate: float, pad_value: np.ndarray | float, payload: str = "latents.npy"
+) -> dict[str, Any] | None:
+    """The held-out samples a run scores at every checkpoint, as one batch (crops at frame 0), or None when
+    ``data.holdout_split`` is unset. They come from ``data.holdout_shards`` (default ``data.shards``); the first
+    ``data.holdout_samples`` in shard order, so every checkpoint of a run scores the same samples."""
+    split = cfg.data.holdout_split
+    if not split:
+        return None
+    out = cfg.data.holdout_shards or cfg.data.shards
+    urls = shard_format.shard_uris(out, split)
+    if not urls:
+        raise ValueError(f"data.holdout_split: no {split!r} shards under {out}")
+    dataset = ShardCrops(urls, window=window, rate=rate, pad_value=pad_value, infinite=False, payload=payload)
+    crops = []
+    for c in dataset:
+        crops.append(c)
+        if len(crops) == cfg.data.holdout_samples:
+            break
+    return collate(crops)
+
+
 def read_captions(urls: list[str], max_shards: int = 64) -> list[str]:
     """Every caption of the first ``max_shards`` shards (sorted), for training the tokenizer.
 

@@ -2,10 +2,16 @@
 
     crop (B, C, W), mask (B, W), caption, seconds_start, seconds_total
       caption ─tokenizer→ ids ─frozen CLAP text encoder (penultimate layer)→ tokens (B, L, D)
-      t ~ U[0, 1), noise ~ N(0, I):  loss = ‖ v_θ(x_t, t | tokens, timing; CFG dropout) − v_target ‖² over real frames
+      t ~ U[0, 1), noise ~ N(0, I):  loss = ‖ v_θ(x_t, t | tokens, timing; CFG dropout) − v_target ‖² over every frame
+
+The loss covers the padding too: a file shorter than the window is followed by the VAE's latent of silence, and
+learning to produce that silence after ``seconds_total`` is how the model learns to end on time (Stable Audio §3.3;
+a loss masked to the real frames never sees the end and fills the whole window).
 
 Every ``run.demo_every`` steps rank 0 samples each demo prompt at each ``demo_seconds`` value with the EMA weights,
 decodes with the frozen VAE, trims to the requested length (as generation does) and logs a wav and a spectrogram.
+With ``data.holdout_split`` set, every checkpoint also generates the held-out captions at ``holdout_seconds`` and
+logs timing error (raw window, as evaluation measures it) and the CLAP score of matched vs shuffled prompt/audio.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from pipeline import shards as shard_format
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, sample_t, v_loss
 from pipeline.generate import load_clap, write_wav
+from pipeline.metrics import matched_and_shuffled, nonsilent_seconds
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.clap import CLAP
 from pipeline.models.conditioning import build_diffusion_model, guided_model_fn
+from pipeline.text import CaptionTokenizer
 from pipeline.tracking import Tracker
 from train import data
 from train.components import CONFIG_FILE, WEIGHTS_FILE, copy_export, load_vae, save_weights, vae_uri
@@ -67,23 +76,18 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
             return clap.text_conditioning(torch.from_numpy(ids), torch.from_numpy(mask))
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = batch["x"].to(engine.dtype)  # (B, C, W)
         tokens, tmask = text_tokens(batch["caption"])  # (B, L, D), (B, L)
-        t = sample_t(x0.shape[0]).to(engine.dtype)
-        noise = torch.randn_like(x0)
+        return diffusion_loss(engine, batch, tokens, tmask, cfg.cfg_dropout, engine.dtype), {}
 
-        def model_fn(x_t: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
-            return engine(
-                x_t,
-                t_,
-                tokens.to(engine.dtype),
-                tmask,
-                batch["seconds_start"],
-                batch["seconds_total"],
-                cfg_dropout=cfg.cfg_dropout,
-            )
+    holdout = data.holdout(cfg, window, rate, silence)
 
-        return v_loss(model_fn, x0, t, noise, mask=batch["mask"]), {}
+    def evaluate(step: int) -> dict[str, float]:
+        weights = engine.export_state_dict()  # the EMA weights the export holds; collective: every rank calls it
+        if not ctx.is_main or holdout is None:
+            return {}
+        model = build_diffusion_model(cfg.model.preset)
+        model.load_state_dict(weights, strict=False)
+        return holdout_generation(model.eval(), vae, clap, tokenizer, holdout["caption"], cfg, window, rate)
 
     def demo(step: int, tracker: Tracker) -> None:
         weights = engine.ema_state_dict()
@@ -117,8 +121,77 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         loss_fn=loss_fn,
         export=export,
         demo=demo,
+        evaluate=evaluate if holdout is not None else None,
         tags={"clap_uri": cfg.model.clap},
     )
+
+
+def diffusion_loss(
+    model: Any,
+    batch: dict[str, Any],
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    cfg_dropout: float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The v-objective on a batch of crops (x (B, C, W), seconds_start/total (B,)) with text tokens (B, L, D).
+
+    Every frame counts, the silence padding after short files included: that is what teaches the model to end on
+    time. ``model`` is a ConditionedDiffusionModel or the DeepSpeed engine around one."""
+    x0 = batch["x"].to(dtype)  # (B, C, W)
+    t = sample_t(x0.shape[0]).to(dtype)
+    noise = torch.randn_like(x0)
+
+    def model_fn(x_t: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+        start, total = batch["seconds_start"], batch["seconds_total"]
+        return model(x_t, t_, tokens.to(dtype), token_mask, start, total, cfg_dropout=cfg_dropout)
+
+    return v_loss(model_fn, x0, t, noise)
+
+
+HOLDOUT_GENERATIONS = 8  # held-out captions generated at each checkpoint
+
+
+@torch.no_grad()
+def holdout_generation(
+    model: torch.nn.Module,
+    vae: Autoencoder,
+    clap: CLAP,
+    tokenizer: CaptionTokenizer,
+    captions: list[str],
+    cfg: TrainConfig,
+    window: int,
+    rate: float,
+) -> dict[str, float]:
+    """Generate up to :data:`HOLDOUT_GENERATIONS` held-out captions at ``cfg.holdout_seconds`` (cycled) in one
+    batch of full windows and measure what a user cares about:
+
+    - timing: the decoded raw window's non-silent length (last 0.1 s frame above −40 dB re peak, as ``longplay
+      evaluate`` measures it) against the requested ``seconds_total`` = ceil(seconds);
+    - prompt adherence: the CLAP score (cosine of text and audio embeddings; audio embedded from the generated
+      latents, masked to the requested length) of matched pairs, and of every mismatched pair as the baseline.
+    """
+    captions = captions[:HOLDOUT_GENERATIONS]
+    n = len(captions)
+    requested = [float(np.ceil(cfg.holdout_seconds[i % len(cfg.holdout_seconds)])) for i in range(n)]
+    ids, mask = (torch.from_numpy(a) for a in tokenizer.encode_batch(captions, max_length=clap.config.text.max_tokens))
+    tokens, tmask = clap.text_conditioning(ids, mask)
+    fn = guided_model_fn(model, tokens, tmask, torch.zeros(n), torch.tensor(requested), DEMO_CFG_SCALE)
+    latents = sample(fn, (n, vae.latent_channels, window), steps=DEMO_STEPS, seed=cfg.run.seed)  # (n, C, W)
+    audio = vae.decode(latents).clamp(-1, 1).float().numpy()  # (n, 2, W·D)
+    errors = [abs(nonsilent_seconds(a, vae.sample_rate) - s) for a, s in zip(audio, requested, strict=True)]
+    frames = torch.arange(window)[None, :] < torch.tensor(requested)[:, None] * rate  # (n, W) requested frames
+    matched, shuffled = matched_and_shuffled(
+        clap.encode_text(ids, mask).numpy(), clap.encode_audio(latents, frames).numpy()
+    )
+    out = {
+        "holdout_timing_median_abs_error_s": float(np.median(errors)),
+        "holdout_timing_within_1s": float(np.mean([e <= 1.0 for e in errors])),
+        "holdout_clap_score_matched": matched,
+    }
+    if shuffled is not None:
+        out["holdout_clap_score_shuffled"] = shuffled
+    return out
 
 
 @torch.no_grad()

@@ -4,11 +4,16 @@ Each micro-step::
 
     audio (B, 2, N) ─VAE→ recon, kl
     discriminator:  hinge(D(audio), D(recon.detach()))                      → its own engine steps
-    generator:      stereo STFT(recon, audio) + 1e-4 kl + 0.1 hinge_G(D(recon)) + 5 feature matching
+    generator:      stereo STFT(recon, audio) + kl_weight · kl + 0.1 hinge_G(D(recon)) + 5 feature matching
                     (D frozen for this pass)                                  → the VAE's engine steps
 
+With ``vae.adversarial=false`` there is no discriminator: the generator loss is STFT + KL alone (the demo's CPU
+recipe: the discriminator triples the step cost, and the feature-matching term swamps reconstruction early on).
+
 The discriminator is a second DeepSpeed engine, checkpointed beside the VAE under ``discriminator/``. The export is
-the VAE's EMA weights in the format ``Autoencoder.from_pretrained`` reads (model.safetensors + config.json).
+the VAE's EMA weights in the format ``Autoencoder.from_pretrained`` reads (model.safetensors + config.json). With
+``data.holdout_split`` set, every checkpoint scores the EMA weights on held-out audio
+(:func:`pipeline.reconstruction.reconstruction_metrics`: spectral convergence, log-mel distance, silence level...).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from pipeline import shards as shard_format
 from pipeline.config import TrainConfig
 from pipeline.models.autoencoder import Autoencoder, build_autoencoder
+from pipeline.reconstruction import reconstruction_metrics
 from train import data
 from train.components import CONFIG_FILE
 from train.engine import Engine
@@ -30,13 +36,14 @@ from train.vae_losses import (
     ADV_WEIGHT,
     DISC_WIDTH,
     FEATURE_WEIGHT,
-    KL_WEIGHT,
     STFTDiscriminator,
     discriminator_hinge,
     feature_matching,
     generator_hinge,
     stereo_stft_loss,
 )
+
+HOLDOUT_SECONDS = 4.0  # length of each held-out excerpt scored at checkpoints
 
 
 def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task:
@@ -47,14 +54,22 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         raise ValueError("deepspeed.zero_stage: the VAE's two alternating engines support ZeRO stages 0-2")
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     vae = build_autoencoder(cfg.model.preset)
-    disc = STFTDiscriminator(vae.cfg.audio_channels, width=DISC_WIDTH[cfg.model.preset])
     engine = Engine(vae, cfg, ctx.rank, ctx.world_size)
-    disc_engine = Engine(disc, cfg, ctx.rank, ctx.world_size, ema=False)
+    adversarial = cfg.vae.adversarial
+    if adversarial:
+        disc = STFTDiscriminator(vae.cfg.audio_channels, width=DISC_WIDTH[cfg.model.preset])
+        disc_engine = Engine(disc, cfg, ctx.rank, ctx.world_size, ema=False)
     window = max(vae.downsampling, round(cfg.data.window_seconds * vae.sample_rate))
+    # Held-out excerpts of HOLDOUT_SECONDS from the start of each piece (zero-padded when shorter).
+    holdout = data.holdout(cfg, round(HOLDOUT_SECONDS * vae.sample_rate), float(vae.sample_rate), 0.0, "flac")
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         audio = batch["x"].to(engine.dtype)  # (B, 2, N)
         recon, kl = engine(audio)  # (B, 2, N), ()
+        reconstruction = stereo_stft_loss(recon.float(), audio.float(), floor=cfg.vae.magnitude_floor)
+        if not adversarial:
+            loss = reconstruction + cfg.vae.kl_weight * kl
+            return loss, {"stft": float(reconstruction.detach()), "kl": float(kl.detach())}
 
         # discriminator update on the detached reconstruction
         d_loss = discriminator_hinge(disc_engine(audio), disc_engine(recon.detach()))
@@ -65,18 +80,25 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         disc.requires_grad_(False)
         real, fake = disc(audio), disc(recon)
         disc.requires_grad_(True)
-        reconstruction = stereo_stft_loss(recon.float(), audio.float())
-        adversarial = generator_hinge(fake)
+        hinge = generator_hinge(fake)
         features = feature_matching(real, fake)
-        loss = reconstruction + KL_WEIGHT * kl + ADV_WEIGHT * adversarial + FEATURE_WEIGHT * features
+        loss = reconstruction + cfg.vae.kl_weight * kl + ADV_WEIGHT * hinge + FEATURE_WEIGHT * features
         metrics = {
             "stft": float(reconstruction.detach()),
             "kl": float(kl.detach()),
-            "adversarial": float(adversarial.detach()),
+            "adversarial": float(hinge.detach()),
             "feature_matching": float(features.detach()),
             "discriminator": float(d_loss.detach()),
         }
         return loss, metrics
+
+    def evaluate(step: int) -> dict[str, float]:
+        weights = engine.export_state_dict()  # what the export will hold (EMA); collective: every rank calls it
+        if not ctx.is_main or holdout is None:
+            return {}
+        model = Autoencoder(vae.cfg)
+        model.load_state_dict(weights)
+        return reconstruction_metrics(model, holdout["x"])
 
     def export(weights: dict[str, torch.Tensor], directory: Path) -> None:
         model = Autoencoder(vae.cfg)
@@ -91,7 +113,8 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         batches=data.batches_from(cfg, urls, window, float(vae.sample_rate), 0.0, ctx.rank, ctx.world_size, "flac"),
         loss_fn=loss_fn,
         export=export,
-        aux={"discriminator": disc_engine},
+        evaluate=evaluate if holdout is not None else None,
+        aux={"discriminator": disc_engine} if adversarial else {},
     )
 
 

@@ -16,32 +16,38 @@ DISC_SIZES = (2048, 1024, 512)  # discriminator resolutions
 # Conv width of the discriminator per model preset. Its cost grows with width² at every STFT bin and frame, so the
 # tiny preset (CPU tests, the demo) uses 8: width 32 costs ~30 s per step of 4 x 2 s on one CPU core, width 8 ~1 s.
 DISC_WIDTH = {"tiny": 8, "sa1": 32, "sa-open": 32}
-KL_WEIGHT, ADV_WEIGHT, FEATURE_WEIGHT = 1e-4, 0.1, 5.0
+ADV_WEIGHT, FEATURE_WEIGHT = 0.1, 5.0  # the KL weight is a config key: vae.kl_weight (1e-4)
+# Default floor of the STFT magnitudes before the log (auraloss / stable-audio-tools: sqrt(1e-8); the config key
+# vae.magnitude_floor). Lower floors make the log term chase bins 140 dB down; the tiny recipe raises it to 1e-2 so
+# the loss looks at what is audible (docs/architecture.md).
+MAGNITUDE_FLOOR = 1e-4
 
 
-def _magnitude(x: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """(B, N) → |STFT| (B, F, frames), Hann window, hop n_fft / 4."""
+def _magnitude(x: torch.Tensor, n_fft: int, floor: float) -> torch.Tensor:
+    """(B, N) → |STFT| (B, F, frames), Hann window, hop n_fft / 4, floored at ``floor``."""
     window = torch.hann_window(n_fft, device=x.device, dtype=x.dtype)
     spec = torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
-    return spec.abs().clamp_min(1e-7)
+    return spec.abs().clamp_min(floor)
 
 
-def stft_loss(pred: torch.Tensor, target: torch.Tensor, sizes: tuple[int, ...] = STFT_SIZES) -> torch.Tensor:
+def stft_loss(
+    pred: torch.Tensor, target: torch.Tensor, sizes: tuple[int, ...] = STFT_SIZES, floor: float = MAGNITUDE_FLOOR
+) -> torch.Tensor:
     """Spectral convergence + log-magnitude L1, averaged over resolutions. pred, target (B, N)."""
     total = pred.new_zeros(())
     used = [n for n in sizes if n <= pred.shape[-1]]
     for n_fft in used:
-        p, t = _magnitude(pred, n_fft), _magnitude(target, n_fft)
+        p, t = _magnitude(pred, n_fft, floor), _magnitude(target, n_fft, floor)
         convergence = torch.linalg.norm(t - p) / torch.linalg.norm(t).clamp_min(1e-7)
         total = total + convergence + F.l1_loss(p.log(), t.log())
     return total / max(len(used), 1)
 
 
-def stereo_stft_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def stereo_stft_loss(pred: torch.Tensor, target: torch.Tensor, floor: float = MAGNITUDE_FLOOR) -> torch.Tensor:
     """pred, target (B, 2, N): mid/side at full weight, left/right at half (the paper's "sum and difference")."""
-    mid = stft_loss(pred[:, 0] + pred[:, 1], target[:, 0] + target[:, 1])
-    side = stft_loss(pred[:, 0] - pred[:, 1], target[:, 0] - target[:, 1])
-    left_right = stft_loss(pred.flatten(0, 1), target.flatten(0, 1))
+    mid = stft_loss(pred[:, 0] + pred[:, 1], target[:, 0] + target[:, 1], floor=floor)
+    side = stft_loss(pred[:, 0] - pred[:, 1], target[:, 0] - target[:, 1], floor=floor)
+    left_right = stft_loss(pred.flatten(0, 1), target.flatten(0, 1), floor=floor)
     return mid + side + 0.5 * left_right
 
 

@@ -29,6 +29,7 @@ from pipeline.models.blocks import (
     RESIDUAL_KERNEL,
     DecoderBlock,
     EncoderBlock,
+    ResidualUnit,
     SnakeBeta,
     conv1d,
 )
@@ -52,6 +53,12 @@ class AutoencoderConfig:
     decoder_out_bias: bool = False  # bias on the last decoder conv (Oobleck: no, DAC/SA1: yes)
     final_tanh: bool = False  # squash the decoded waveform with tanh (DAC/SA1: yes, Stable Audio Open: no)
     weight_norm: bool = True  # weight-normalised convs, as in DAC/Oobleck (stabilises the adversarial training)
+    # Biases on the hidden convs (DAC/Oobleck/SA1: yes). Off, every layer maps 0 to 0 (Snake(0) = 0), so digital
+    # silence encodes to the zero latent and the zero latent decodes to exact silence: small models trained from
+    # scratch on CPU budgets otherwise collapse to a bias-driven output that ignores the input (docs/architecture.md).
+    # Off also initialises the stage convs variance-preserving (see Autoencoder), so the latent carries the input
+    # from step 0 instead of ~45 dB under it.
+    conv_bias: bool = True
 
     def __post_init__(self) -> None:
         # JSON gives lists; tuples keep the config hashable and comparable.
@@ -99,7 +106,8 @@ class AutoencoderConfig:
 
 
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
-    # CPU tests and the demo: same framing as sa1 (D = 1024) at toy widths (4 doubling to 64; ~167k parameters).
+    # CPU tests and the demo: same framing as sa1 (D = 1024) at toy widths (4 doubling to 64; ~167k parameters),
+    # without conv biases (see AutoencoderConfig.conv_bias: with them, it collapses to an input-independent output).
     "tiny": AutoencoderConfig(
         latent_channels=16,
         strides=(4, 4, 8, 8),
@@ -107,6 +115,7 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
         encoder_multipliers=(2, 4, 8, 16),
         decoder_channels=4,
         decoder_multipliers=(2, 4, 8, 16),
+        conv_bias=False,
     ),
     # The paper's VAE: DAC encoder (128 doubling, strides 4,4,8,8) with the SA1 1x1 projection to 128 = 2·64
     # channels, DAC decoder (1536 halving, rates 8,8,4,4) with a biased output conv and tanh.
@@ -132,19 +141,23 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        wn = cfg.weight_norm
+        wn, bias = cfg.weight_norm, cfg.conv_bias
         widths = [cfg.encoder_channels] + [cfg.encoder_channels * m for m in cfg.encoder_multipliers]
-        self.conv_in = conv1d(cfg.audio_channels, widths[0], 7, weight_norm=wn)
+        self.conv_in = conv1d(cfg.audio_channels, widths[0], 7, bias=bias, weight_norm=wn)
         self.blocks = nn.ModuleList(
-            EncoderBlock(widths[i], widths[i + 1], s, weight_norm=wn) for i, s in enumerate(cfg.strides)
+            EncoderBlock(widths[i], widths[i + 1], s, bias=bias, weight_norm=wn) for i, s in enumerate(cfg.strides)
         )
         self.act_out = SnakeBeta(widths[-1])
         moments = 2 * cfg.latent_channels
         self.conv_out = conv1d(
-            widths[-1], widths[-1] if cfg.encoder_projection else moments, cfg.encoder_out_kernel, weight_norm=wn
+            widths[-1],
+            widths[-1] if cfg.encoder_projection else moments,
+            cfg.encoder_out_kernel,
+            bias=bias,
+            weight_norm=wn,
         )
         # SA1 (DAC wrapper) ends on a plain, not weight-normalised, 1x1 projection to the moments.
-        self.proj_out = nn.Conv1d(widths[-1], moments, 1) if cfg.encoder_projection else nn.Identity()
+        self.proj_out = nn.Conv1d(widths[-1], moments, 1, bias=bias) if cfg.encoder_projection else nn.Identity()
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(audio)  # (B, W0, N)
@@ -158,12 +171,14 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        wn = cfg.weight_norm
+        wn, bias = cfg.weight_norm, cfg.conv_bias
         widths = [cfg.decoder_channels] + [cfg.decoder_channels * m for m in cfg.decoder_multipliers]
-        self.conv_in = conv1d(cfg.latent_channels, widths[-1], cfg.decoder_in_kernel, weight_norm=wn)
+        self.conv_in = conv1d(cfg.latent_channels, widths[-1], cfg.decoder_in_kernel, bias=bias, weight_norm=wn)
         # Walk from the widest (latent end) stage down to the audio end, up-sampling by the reversed strides.
         stages = list(enumerate(cfg.strides))[::-1]
-        self.blocks = nn.ModuleList(DecoderBlock(widths[i + 1], widths[i], s, weight_norm=wn) for i, s in stages)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(widths[i + 1], widths[i], s, bias=bias, weight_norm=wn) for i, s in stages
+        )
         self.act_out = SnakeBeta(widths[0])
         self.conv_out = conv1d(widths[0], cfg.audio_channels, 7, bias=cfg.decoder_out_bias, weight_norm=wn)
         self.final_tanh = cfg.final_tanh
@@ -255,6 +270,8 @@ class Autoencoder(nn.Module):
         self.cfg = cfg if cfg is not None else AutoencoderConfig()
         self.encoder = Encoder(self.cfg)
         self.decoder = Decoder(self.cfg)
+        if not self.cfg.conv_bias:
+            _variance_preserving_stages(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -393,6 +410,22 @@ class Autoencoder(nn.Module):
         from pipeline.weights.autoencoder import save_autoencoder
 
         return save_autoencoder(self, directory)
+
+
+@torch.no_grad()
+def _variance_preserving_stages(model: nn.Module) -> None:
+    """Scale the initial weights of every conv outside the residual branches (input/output, down/up-sampling) by √3.
+
+    PyTorch's default conv init has Var(w) = 1 / (3 · fan_in), so each such conv divides the signal's variance by 3:
+    through the encoder's six of them, a random tiny VAE's latent sits ~45 dB under its input and far under the
+    posterior noise, and learning starts by digging it out. √3 makes them variance-preserving (Var(w) = 1 / fan_in);
+    the residual branches keep the small default so each block starts near the identity.
+    """
+    branches = {id(m) for unit in model.modules() if isinstance(unit, ResidualUnit) for m in unit.modules()}
+    for module in model.modules():
+        if isinstance(module, nn.Conv1d | nn.ConvTranspose1d) and id(module) not in branches:
+            weight_norm = getattr(module, "parametrizations", None)
+            (weight_norm.weight.original0 if weight_norm is not None else module.weight).mul_(math.sqrt(3.0))
 
 
 def count_parameters(module: nn.Module) -> int:

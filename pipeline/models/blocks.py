@@ -62,21 +62,21 @@ def conv1d(
     return _weight_norm(layer) if weight_norm else layer
 
 
-def conv_transpose1d(c_in: int, c_out: int, stride: int, *, weight_norm: bool) -> nn.Module:
+def conv_transpose1d(c_in: int, c_out: int, stride: int, *, bias: bool = True, weight_norm: bool) -> nn.Module:
     """Up-sampling conv, kernel 2s and padding ceil(s/2): maps T → T · s for even s."""
-    layer = nn.ConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2))
+    layer = nn.ConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2), bias=bias)
     return _weight_norm(layer) if weight_norm else layer
 
 
 class ResidualUnit(nn.Module):
     """x + Conv1x1(Snake(Conv7_dilated(Snake(x)))); (B, C, T) → (B, C, T)."""
 
-    def __init__(self, channels: int, dilation: int, *, weight_norm: bool):
+    def __init__(self, channels: int, dilation: int, *, bias: bool = True, weight_norm: bool):
         super().__init__()
         self.act1 = SnakeBeta(channels)
-        self.conv1 = conv1d(channels, channels, RESIDUAL_KERNEL, dilation=dilation, weight_norm=weight_norm)
+        self.conv1 = conv1d(channels, channels, RESIDUAL_KERNEL, dilation=dilation, bias=bias, weight_norm=weight_norm)
         self.act2 = SnakeBeta(channels)
-        self.conv2 = conv1d(channels, channels, 1, weight_norm=weight_norm)
+        self.conv2 = conv1d(channels, channels, 1, bias=bias, weight_norm=weight_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(self.act2(self.conv1(self.act1(x))))
@@ -85,11 +85,13 @@ class ResidualUnit(nn.Module):
 class EncoderBlock(nn.Module):
     """Three residual units at the input width, then a strided conv: (B, c_in, T) → (B, c_out, T / stride)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, *, weight_norm: bool):
+    def __init__(self, c_in: int, c_out: int, stride: int, *, bias: bool = True, weight_norm: bool):
         super().__init__()
-        self.units = nn.ModuleList(ResidualUnit(c_in, d, weight_norm=weight_norm) for d in RESIDUAL_DILATIONS)
+        self.units = nn.ModuleList(
+            ResidualUnit(c_in, d, bias=bias, weight_norm=weight_norm) for d in RESIDUAL_DILATIONS
+        )
         self.act = SnakeBeta(c_in)
-        self.down = conv1d(c_in, c_out, 2 * stride, stride=stride, weight_norm=weight_norm)
+        self.down = conv1d(c_in, c_out, 2 * stride, stride=stride, bias=bias, weight_norm=weight_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for unit in self.units:
@@ -100,11 +102,13 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """A transposed conv, then three residual units at the output width: (B, c_in, T) → (B, c_out, T · stride)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, *, weight_norm: bool):
+    def __init__(self, c_in: int, c_out: int, stride: int, *, bias: bool = True, weight_norm: bool):
         super().__init__()
         self.act = SnakeBeta(c_in)
-        self.up = conv_transpose1d(c_in, c_out, stride, weight_norm=weight_norm)
-        self.units = nn.ModuleList(ResidualUnit(c_out, d, weight_norm=weight_norm) for d in RESIDUAL_DILATIONS)
+        self.up = conv_transpose1d(c_in, c_out, stride, bias=bias, weight_norm=weight_norm)
+        self.units = nn.ModuleList(
+            ResidualUnit(c_out, d, bias=bias, weight_norm=weight_norm) for d in RESIDUAL_DILATIONS
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.up(self.act(x))

@@ -49,6 +49,11 @@ def test_overrides_are_typed_and_nested():
         ("run.max_steps=0", "run.max_steps: Input should be greater than or equal to 1"),
         ("model.preset=huge", "model.preset: Input should be"),
         ("nonsense", "nonsense: override must look like section.key=value"),
+        ("run.name=..", "run.name: String should match pattern"),
+        ("run.name=.", "run.name: String should match pattern"),
+        ("run.name=.hidden", "run.name: String should match pattern"),
+        ("run.name=-flag", "run.name: String should match pattern"),
+        ("run.name=a/b", "run.name: String should match pattern"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):

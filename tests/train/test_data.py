@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import shards
-from pipeline.models.autoencoder import build_autoencoder
+from pipeline.models.autoencoder import AUTOENCODER_PRESETS, Autoencoder, build_autoencoder
 from train import data
 
 RATE = 44100 / 1024
@@ -43,9 +44,11 @@ def test_crop_timing_on_known_offsets() -> None:
 
 def test_short_segment_is_padded_with_the_silence_latent() -> None:
     torch.manual_seed(0)
-    vae = build_autoencoder("tiny")
-    silence = data.silence_latent(vae)
-    assert silence.shape == (16,) and np.abs(silence).sum() > 0  # not zeros: the VAE's code for silence
+    biased = Autoencoder(dataclasses.replace(AUTOENCODER_PRESETS["tiny"], conv_bias=True))
+    silence = data.silence_latent(biased)
+    assert silence.shape == (16,) and np.abs(silence).sum() > 0  # with conv biases silence has a code of its own
+    # the tiny preset has no conv biases: silence encodes to exactly the zero latent
+    np.testing.assert_array_equal(data.silence_latent(build_autoencoder("tiny")), np.zeros(16, np.float32))
     x = np.ones((16, 7), dtype=np.float16)
     c = data.crop(x, meta(offset=3.0, total=4.0), window=12, rate=RATE, pad_value=silence, rng=random.Random(1))
     assert c.x.shape == (16, 12) and c.x.dtype == np.float32
