@@ -70,6 +70,8 @@ def generate(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompts is None else [p for p in Path(args.prompts).read_text().splitlines() if p]
     if args.seconds <= 0:
         raise UsageError("--seconds: must be positive")
+    if not _model_exists(args.model):
+        raise UsageError(f"model: {args.model} not found")
     bundle = gen.load(args.model)
     outputs = []
     for i, prompt in enumerate(prompts):
@@ -82,3 +84,16 @@ def generate(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({args.seconds:g} s)", file=sys.stderr)
     print(json.dumps(outputs, indent=2))
     return 0
+
+
+def _model_exists(uri: str) -> bool:
+    """Whether a local path or an s3:// prefix holds anything; models:/ and runs:/ URIs are left to MLflow."""
+    from pathlib import Path
+
+    from pipeline import storage
+
+    if uri.startswith(("models:/", "runs:/")):
+        return True
+    if storage.is_s3(uri):
+        return next(iter(storage.list_uris(uri)), None) is not None
+    return Path(uri).exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -59,9 +59,17 @@ class DeepSpeedSection(Section):
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip (0 = off)")
     lr: float = Field(1e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(1e-3, ge=0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
     decay: Literal["cosine", "constant", "inverse"] = Field("cosine", description="lr schedule after warmup")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # torch.optim.AdamW raises on them only when the engine is built, inside a Ray worker, as a traceback.
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class EmaSection(Section):
@@ -157,10 +165,10 @@ class EvaluateConfig(Section):
     """`longplay evaluate`: how to generate, which embedders, where the MLflow run goes."""
 
     steps: int = Field(50, ge=1, description="sampler steps")
-    cfg_scale: float = Field(6.0, ge=0, description="classifier-free guidance scale")
+    cfg_scale: float = Field(6.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale")
     sampler: Literal["dpmpp-3m-sde", "dpmpp-2m", "euler"] = Field("dpmpp-3m-sde", description="sampler")
-    seed: int = Field(0, description="sampling seed (the same for every prompt)")
-    seconds: float = Field(10.0, gt=0, description="length for prompts that do not give their own")
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="sampling seed (the same for every prompt)")
+    seconds: float = Field(10.0, gt=0, allow_inf_nan=False, description="length for prompts that do not give their own")
     kl_direction: Literal["reference||generated", "generated||reference"] = Field(
         "reference||generated", description="KL(p||q) order; stable-audio-metrics' code uses generated||reference"
     )

@@ -75,8 +75,10 @@ def read_prompts(path: str, default_seconds: float) -> list[Prompt]:
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"--prompts: {path} line {number} is not a prompt row ({exc})") from None
-        if not isinstance(item.prompt, str) or not item.prompt or not item.seconds > 0 or item.seconds_start < 0:
-            raise ConfigError(f"--prompts: {path} line {number} needs a non-empty prompt and seconds > 0")
+        if not isinstance(item.prompt, str) or not item.prompt or not 0 < item.seconds < math.inf:
+            raise ConfigError(f"--prompts: {path} line {number} needs a non-empty prompt and seconds > 0, finite")
+        if not 0 <= item.seconds_start < math.inf:  # also false for nan
+            raise ConfigError(f"--prompts: {path} line {number}: seconds_start must be finite and >= 0")
         if not ID_PATTERN.fullmatch(item.id):
             raise ConfigError(f"--prompts: {path} line {number}: id {item.id!r} must match [A-Za-z0-9_-]+")
         prompts.append(item)

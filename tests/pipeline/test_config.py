@@ -85,3 +85,44 @@ def test_bad_evaluate_setting_exits_2_naming_the_key():
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["longplay: error: steps: Input should be greater than or equal to 1"]
+
+
+@pytest.mark.parametrize("betas", ["[0.9, 1.0]", "[-0.1, 0.99]", "[0.9, 1.5]"])
+def test_betas_outside_0_1_name_the_key(betas):
+    """Issue 15 item 14: AdamW's betas are checked when the config loads (before: a traceback in the worker)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, REPO / "configs/tiny/clap.yaml", [f"deepspeed.betas={betas}"])
+    assert str(err.value).startswith("deepspeed.betas: Value error, each beta must be in [0, 1)"), err.value
+
+
+def test_bad_betas_exit_2_in_the_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "validate", "train", "configs/tiny/clap.yaml"]
+        + ["deepspeed.betas=[0.9, 1.0]"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "longplay: error: deepspeed.betas: Value error, each beta must be in [0, 1), got [0.9, 1.0]"
+    ]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("seconds=.inf", "seconds"),
+        ("seconds=.nan", "seconds"),
+        ("cfg_scale=.inf", "cfg_scale"),
+        ("cfg_scale=.nan", "cfg_scale"),
+        ("seed=-1", "seed"),
+        (f"seed={2**64}", "seed"),
+    ],
+)
+def test_evaluate_numbers_are_finite_and_in_range(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(EvaluateConfig, None, [override])
+    assert str(err.value).startswith(f"{key}: "), err.value
+    assert load_config(EvaluateConfig, None, [f"seed={2**64 - 1}"]).seed == 2**64 - 1

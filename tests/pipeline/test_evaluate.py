@@ -43,6 +43,9 @@ def test_prompt_files_jsonl_and_text(tmp_path):
         ('{"id": "a", not json\n', "line 1 is not a prompt row"),
         ("\n", "holds no prompts"),
         ('{"id": "../x", "prompt": "y"}\n', "id '../x' must match"),
+        ('{"id": "a", "prompt": "x", "seconds": Infinity}\n', "line 1 needs a non-empty prompt and seconds > 0"),
+        ('{"id": "a", "prompt": "x", "seconds_start": NaN}\n', "line 1: seconds_start must be finite"),
+        ('{"id": "a", "prompt": "x", "seconds_start": Infinity}\n', "line 1: seconds_start must be finite"),
     ],
 )
 def test_bad_prompt_files_are_config_errors(tmp_path, body, message):

@@ -95,3 +95,12 @@ def test_out_of_range_numbers_exit_2_naming_the_flag(flag, value, tmp_path, caps
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"argument {flag}:" in err and value in err, err
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_a_model_that_does_not_exist_exits_2_in_one_line(tmp_path, capsys):
+    """Before: FileNotFoundError from download_model, a traceback."""
+    from pipeline import cli
+
+    missing = tmp_path / "no-model"
+    assert cli.main(["generate", str(missing), "a prompt", "--seconds", "1", "-o", str(tmp_path / "x.wav")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"longplay: error: model: {missing} not found"]
