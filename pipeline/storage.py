@@ -120,15 +120,20 @@ def _classify(exc: BaseException) -> str:
         ClientError,
         ConnectionClosedError,
         EndpointConnectionError,
+        IncompleteReadError,
         NoCredentialsError,
         PartialCredentialsError,
         ReadTimeoutError,
+        ResponseStreamingError,
     )
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return "auth"
+    dropped = ResponseStreamingError | IncompleteReadError  # a body that broke off halfway: read it again
     if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError | BotoConnectionError):
+        return "transient"
+    if isinstance(exc, dropped):
         return "transient"
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -185,12 +190,68 @@ def read_text(uri: str | os.PathLike) -> str:
 
 
 def open_read(uri: str | os.PathLike) -> IO[bytes]:
-    """A streaming binary reader (S3: the response body, read as it arrives)."""
+    """A streaming binary reader (S3: the response body, read as it arrives; a body that breaks off halfway is
+    resumed where it stopped, see :class:`_ResumingS3Reader`)."""
     uri = str(uri)
     if not is_s3(uri):
         return open(uri, "rb")  # noqa: SIM115 - the caller owns the handle
-    bucket, key = split_s3(uri)
-    return _retry(f"open {uri}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"])
+    return io.BufferedReader(_ResumingS3Reader(uri), buffer_size=1024 * 1024)
+
+
+class _ResumingS3Reader(io.RawIOBase):
+    """An S3 object read as one stream that survives dropped connections.
+
+    A GET body can fail halfway (connection reset, a server restart, a read timeout). Instead of failing the whole
+    read, the reader asks again for the rest (``Range: bytes=POS-``) with the usual backoff, pinned to the ETag of
+    the first response (``If-Match``) so that the bytes never splice two versions of an object. It gives up with
+    :class:`StorageError` after :data:`MAX_RESUMES` resumes that made no progress.
+    """
+
+    MAX_RESUMES = 5
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self.uri = uri
+        self.bucket, self.key = split_s3(uri)
+        self.position = 0
+        self.etag: str | None = None
+        self.body = self._open()
+
+    def _open(self):
+        def get():
+            extra = {"Range": f"bytes={self.position}-", "IfMatch": self.etag} if self.position else {}
+            return s3_client().get_object(Bucket=self.bucket, Key=self.key, **extra)
+
+        response = _retry(f"open {self.uri}" + (f" at byte {self.position}" if self.position else ""), get)
+        self.etag = self.etag or response.get("ETag")
+        return response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        fails = 0
+        while True:
+            try:
+                data = self.body.read(len(buffer))
+                break
+            except Exception as exc:
+                fails += 1
+                if _classify(exc) != "transient" or fails > self.MAX_RESUMES:
+                    raise StorageError(f"read {self.uri} at byte {self.position}: {type(exc).__name__}: {exc}") from exc
+                log.warning("read %s broke off at byte %d (%s); resuming", self.uri, self.position, type(exc).__name__)
+                with contextlib.suppress(Exception):
+                    self.body.close()
+                self.body = self._open()
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self.body.close()
+        super().close()
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""Streaming training data: WebDataset over local or s3:// shards → random crops with Stable Audio's timing.
+"""Streaming training data: tar shards (local or s3://) → WebDataset's shuffle buffer → random crops with Stable
+Audio's timing.
 
 Each (rank, DataLoader worker) pair is one *slot*; slot ``i`` of ``N`` reads shards ``urls[i::N]`` (or, when there are
 fewer shards than slots, one shard chosen by ``i mod len(urls)``, so no slot is ever empty). The per-slot stream
@@ -17,14 +18,21 @@ carries is the paper's (``seconds_start`` is the crop's offset within its *sourc
 
 A segment shorter than the window is placed at frame 0 and padded with the VAE's latent of *silence* (not zeros:
 zeros decode to a buzz), and ``mask`` marks the real frames so losses can ignore the padding.
+
+Broken data does not stop a run. An S3 body that breaks off halfway is resumed where it stopped (``storage.open_read``);
+a tar that is corrupt or truncated, or a sample that cannot be decoded, is skipped: the shard's name is logged, the
+rest of a broken tar is passed over, and every sample lost that way is counted in ``Crop.skipped`` (summed into
+``batch["skipped"]``, which the loop logs as ``skipped_samples``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +43,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import shards as shard_format
 from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+MAX_SKIPS_IN_A_ROW = 1000  # samples skipped with no good one between them: the data is broken, not a sample
+# What broken bytes raise while a shard is read (tarfile, storage: StorageError is a RuntimeError) or a sample is
+# decoded (json, numpy, soundfile's LibsndfileError is a RuntimeError; a missing member or meta key, a wrong type).
+BROKEN_DATA = (tarfile.TarError, EOFError, OSError, RuntimeError, ValueError, KeyError, TypeError)
 
 
 @dataclass
@@ -47,6 +62,7 @@ class Crop:
     seconds_total: float  # length of the source file (ceil), from the metadata
     caption: str
     key: str
+    skipped: int = 0  # samples of this stream skipped as unreadable since the previous crop
 
 
 # ----------------------------------------------------------------------------------------------- crops (pure)
@@ -114,7 +130,7 @@ def _slot() -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- dataset
 class ShardCrops(IterableDataset):
-    """Crops streamed from tar shards through WebDataset.
+    """Crops streamed from tar shards (:func:`read_samples`), shuffled in WebDataset's seeded buffer.
 
     Args:
         urls: tar URIs (local paths or s3://), e.g. ``pipeline.shards.shard_uris(out, split)``.
@@ -149,17 +165,32 @@ class ShardCrops(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite, self.payload = shuffle_buffer, infinite, payload
 
-    def _shard_stream(self, slot: int, slots: int) -> Iterator[dict[str, str]]:
+    def _shard_stream(self, slot: int, slots: int) -> Iterator[str]:
         mine = slot_shards(self.urls, slot, slots)
         epoch = 0
         while True:
             order = list(mine)
             if self.infinite:
                 random.Random(f"{self.seed}/{slot}/{epoch}").shuffle(order)
-            yield from ({"url": u} for u in order)
+            yield from order
             if not self.infinite:
                 return
             epoch += 1
+
+    def _samples(self, urls: Iterator[str], skipped: list[int]) -> Iterator[dict[str, Any]]:
+        """The samples of each shard in turn; a shard that breaks off adds its unfinished sample to ``skipped[0]``.
+
+        A whole pass over the slot's shards without one readable sample raises: the stream would spin forever."""
+        good, seen = 0, set()
+        for url in urls:
+            if url in seen:  # a new pass
+                if not good:
+                    raise ValueError(f"no readable sample in {sorted(seen)}")
+                good, seen = 0, set()
+            seen.add(url)
+            for sample in read_samples(url, skipped):
+                good += 1
+                yield sample
 
     def _decode(self, sample: dict[str, Any], rng: random.Random | None) -> Crop:
         key = sample["__key__"]
@@ -175,16 +206,94 @@ class ShardCrops(IterableDataset):
     def __iter__(self) -> Iterator[Crop]:
         import webdataset as wds
 
-        storage.register_webdataset()  # DataLoader workers and Ray workers do not inherit the s3 scheme
         worker, workers = _slot()
         slot, slots = self.rank * workers + worker, self.world_size * workers
         rng = random.Random(f"{self.seed}/crop/{slot}") if self.infinite else None
-        samples = wds.tarfile_to_samples()(self._shard_stream(slot, slots))
+        skipped = [0]  # unreadable samples not yet reported with a crop
+        samples = self._samples(self._shard_stream(slot, slots), skipped)
         if self.shuffle_buffer > 0 and self.infinite:
             buffer = self.shuffle_buffer
             samples = wds.shuffle(buffer, initial=buffer, rng=random.Random(f"{self.seed}/shuffle/{slot}"))(samples)
         for sample in samples:
-            yield self._decode(sample, rng)
+            try:
+                item = self._decode(sample, rng)
+            except BROKEN_DATA as exc:
+                skipped[0] += 1
+                log.warning(
+                    "skipped sample %s of %s: %s: %s", sample["__key__"], sample["__url__"], type(exc).__name__, exc
+                )
+                if skipped[0] > MAX_SKIPS_IN_A_ROW:
+                    raise ValueError(f"{skipped[0]} samples in a row could not be decoded; last: {exc}") from exc
+                continue
+            item.skipped, skipped[0] = skipped[0], 0
+            yield item
+
+
+def read_samples(url: str, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one tar shard, streamed, as WebDataset groups them: ``{"__key__", "__url__", EXT: bytes}``.
+
+    Members are read in order and grouped by key (``KEY.json``, ``KEY.latents.npy`` / ``KEY.flac``). If the tar
+    cannot be read to its end (truncated, corrupt, or its S3 body fails past the storage retries), the shard's name
+    is logged, a last sample that is whole (json + payload) is kept, and the rest of the shard is passed over: one
+    sample is added to ``skipped[0]`` for it (the one being read, or the unreadable rest when the tar broke off
+    between samples). Samples past the break are never seen, so they cannot be counted one by one.
+    """
+    current: dict[str, Any] | None = None
+    member_name = "<first header>"
+    try:
+        with storage.open_read(url) as stream:
+            tail = _Tail(stream)
+            with tarfile.open(fileobj=tail, mode="r|") as tar:
+                for member in tar:
+                    member_name = member.name
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if current is not None and current["__key__"] != key:
+                        yield current
+                        current = None
+                    data = tar.extractfile(member).read()
+                    current = current or {"__key__": key, "__url__": url}
+                    current[ext.lower()] = data
+                # tarfile ends quietly at a missing or garbled header: only the end marker says the tar is whole
+                if not tail.zeros_at(tar.offset):
+                    raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}: truncated or corrupt")
+    except BROKEN_DATA as exc:
+        if skipped is not None:
+            skipped[0] += 1
+        log.warning(
+            "shard %s is unreadable after member %s (%s: %s); skipping the rest of it",
+            url,
+            member_name,
+            type(exc).__name__,
+            exc,
+        )
+        if current is None or "json" not in current or not any(p in current for p in shard_format.PAYLOADS):
+            return
+    if current is not None:
+        yield current
+
+
+class _Tail:
+    """A read-only stream that remembers the last bytes it passed on, so that a tar's end can be checked."""
+
+    KEEP = 64 * 1024  # more than tarfile reads ahead (one 10 KiB record)
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.tail, self.tail_start = stream, b"", 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.tail += data
+        if len(self.tail) > 2 * self.KEEP:
+            self.tail_start += len(self.tail) - self.KEEP
+            self.tail = self.tail[-self.KEEP :]
+        return data
+
+    def zeros_at(self, offset: int) -> bool:
+        """Whether the 512-byte block at ``offset`` was read and is all zeros (a tar's end-of-archive block)."""
+        block = self.tail[offset - self.tail_start : offset - self.tail_start + tarfile.BLOCKSIZE]
+        return offset >= self.tail_start and len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 def _decode_flac(data: bytes) -> np.ndarray:
@@ -205,6 +314,7 @@ def collate(crops: list[Crop]) -> dict[str, Any]:
         "seconds_total": torch.tensor([c.seconds_total for c in crops], dtype=torch.float32),
         "caption": [c.caption for c in crops],
         "key": [c.key for c in crops],
+        "skipped": sum(c.skipped for c in crops),  # unreadable samples passed over while these were read
     }
 
 
@@ -279,5 +389,9 @@ def read_captions(urls: list[str], max_shards: int = 64) -> list[str]:
     """
     captions = []
     for uri in sorted(urls)[:max_shards]:
-        captions += [str(s.meta.get("caption", "")) for s in shard_format.read_shard(uri)]
+        for sample in read_samples(uri):  # a broken shard gives what it has (and a warning)
+            try:
+                captions.append(str(json.loads(sample["json"]).get("caption", "")))
+            except BROKEN_DATA as exc:
+                log.warning("no caption from sample %s of %s: %s", sample["__key__"], uri, exc)
     return captions

@@ -6,7 +6,8 @@ its batches and a ``loss_fn`` — and hands it to :func:`run`, which is one visi
     restore newest checkpoint (step, optimizer, EMA, MLflow run id) ─┐
     for step in start..max_steps:                                    │ every rank
         grad_accum × (next batch → loss → backward → micro-step)    │
-        every log_every: loss, lr, grad norm, samples/s, data wait  │ rank 0 logs
+        every log_every: loss, lr, grad norm, samples/s, data wait, │ rank 0 logs
+                         skipped_samples (unreadable, run total)     │
         every demo_every: task.demo (rank 0, EMA weights)            │
         every checkpoint_every and at the end: save + report         │ all ranks (a barrier)
     export the EMA weights (safetensors + resolved config), register in MLflow with an alias
@@ -91,6 +92,15 @@ def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, f
     return {k: float(v) / world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def _sum_across_ranks(values: dict[str, int], world_size: int) -> dict[str, int]:
+    if world_size == 1 or not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.int64)
+    dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
 def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = None) -> dict[str, Any]:
     """Train ``task`` to ``cfg.run.max_steps`` from the checkpoint dir ``restore`` (if any); returns the last logged
     metrics (rank 0's view)."""
@@ -108,18 +118,22 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
     tracker.set_tags({**tags_for(cfg), **task.tags} if ctx.is_main else {})
     start_step = engine.global_step
     samples_seen = int(state.get("samples_seen", 0))
+    # Run totals, all ranks together: unreadable samples the data passed over.
+    totals = {"skipped_samples": int(state.get("skipped_samples", 0))}
     tracker.log_metrics({"resumed_at_step": start_step}, step=start_step)
     last: dict[str, Any] = {"step": start_step}
     batches = task.batches(start_step)
 
     window_loss, window_extra, window_samples = 0.0, {}, 0
     window_wait, window_start = 0.0, time.perf_counter()
+    window_counts = dict.fromkeys(totals, 0)
     step = start_step
     while step < r.max_steps:
         for _ in range(cfg.deepspeed.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - t0
+            window_counts["skipped_samples"] += int(batch.get("skipped", 0))
             loss, extra = task.loss_fn(batch)
             engine.backward(loss)
             engine.step()
@@ -138,6 +152,8 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
                 "data_wait_fraction": window_wait / max(elapsed, 1e-9),
             }
             metrics = _mean_across_ranks(local, ctx.world_size)
+            for key, count in _sum_across_ranks(window_counts, ctx.world_size).items():
+                totals[key] += count
             global_samples = window_samples * ctx.world_size
             samples_seen += global_samples
             metrics.update(
@@ -146,6 +162,7 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
                 samples_per_s=global_samples / max(elapsed, 1e-9),
                 steps_per_s=steps_in_window / max(elapsed, 1e-9),
                 samples_seen=samples_seen,
+                **totals,
             )
             tracker.log_metrics(metrics, step=step)
             if ctx.is_main:
@@ -153,6 +170,7 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
             last = {**metrics, "step": step, "logged_step": step}
             window_loss, window_extra, window_samples = 0.0, {}, 0
             window_wait, window_start = 0.0, time.perf_counter()
+            window_counts = dict.fromkeys(totals, 0)
 
         if task.demo is not None and ctx.is_main and (step % r.demo_every == 0 or step == r.max_steps):
             task.demo(step, tracker)
@@ -161,7 +179,7 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
                 evaluation = task.evaluate(step)
                 tracker.log_metrics(evaluation, step=step)
                 last.update(evaluation)
-            _checkpoint(task, ctx, tracker, {"samples_seen": samples_seen}, last, step)
+            _checkpoint(task, ctx, tracker, {"samples_seen": samples_seen, **totals}, last, step)
 
     _export(task, cfg, ctx, tracker)
     tracker.end()

@@ -77,6 +77,12 @@ def write_dataset(out: str, vae_uri: str, train_shards: tuple[int, ...] = (24, 2
 
 
 @pytest.fixture(scope="session")
+def dataset_writer():
+    """:func:`write_dataset`, for tests that need their own copy of the latent shards (e.g. to break one)."""
+    return write_dataset
+
+
+@pytest.fixture(scope="session")
 def latent_dataset(local_stack) -> str:
     """s3:// preprocess OUT with 3 train shards (uneven over 2 ranks), 1 val shard and a tiny VAE beside it."""
     prefix = local_stack.s3_prefix("train-data")

@@ -116,3 +116,42 @@ def test_loader_workers_split_and_collate(tmp_path) -> None:
     assert b["x"].dtype == torch.float32 and b["x"].shape[1:] == (4, 40) and b["mask"].dtype == torch.bool
     assert b["seconds_start"].dtype == torch.float32 and isinstance(b["caption"], list)
     assert (b["x"][~b["mask"][:, None, :].expand_as(b["x"])] == -1.0).all()  # padding value where mask is False
+
+
+def _truncate(uri: str, keep: float) -> None:
+    with open(uri, "r+b") as f:
+        size = f.seek(0, 2)
+        f.truncate(int(size * keep))
+
+
+def test_truncated_shards_are_skipped_counted_and_named(tmp_path, caplog) -> None:
+    """Issue 15 item 7: a tar cut off mid-member and one cut off between samples (before: tarfile.ReadError /
+    KeyError 'json' ended the stream, and with it the training worker)."""
+    urls = _write(tmp_path, [4, 4, 3, 2])
+    with open(urls[0], "r+b") as f:  # inside the data of s0_2's first member
+        f.truncate(4608 + 100)
+    with open(urls[1], "r+b") as f:  # at a member boundary: tarfile alone would read a shorter, "whole" tar
+        f.truncate(4096)
+    with open(urls[2], "r+b") as f:  # after s2_0's first member: a sample that lacks a part
+        f.truncate(1024)
+    caplog.set_level("WARNING", logger="train.data")
+    crops = list(data.ShardCrops(urls, window=32, rate=RATE, infinite=False))
+    keys = [c.key for c in crops]
+    assert keys == ["s0_0", "s0_1", "s1_0", "s1_1", "s3_0", "s3_1"]
+    assert sum(c.skipped for c in crops) == 3  # s0_2, s1_2 (being read when the tar broke off) and s2_0
+    assert all(u in caplog.text for u in urls[:3])
+    # training streams cycle over the broken shards and keep going, counting each pass
+    stream = list(itertools.islice(iter(data.ShardCrops(urls, window=32, rate=RATE, seed=1, shuffle_buffer=4)), 60))
+    assert sum(c.skipped for c in stream) >= 4
+    batch = data.collate(stream[:8])
+    assert batch["skipped"] == sum(c.skipped for c in stream[:8])
+    # the tokenizer's captions come from what can be read
+    assert data.read_captions(urls) == [f"shard {k[1]} item {k[3]}" for k in keys]
+
+
+def test_a_slot_with_no_readable_sample_stops_with_a_clear_error(tmp_path) -> None:
+    urls = _write(tmp_path, [2, 2])
+    for uri in urls:
+        _truncate(uri, 0.05)
+    with pytest.raises(ValueError, match="no readable sample"):
+        next(iter(data.ShardCrops(urls, window=32, rate=RATE, seed=1)))
