@@ -7,6 +7,11 @@ standard AWS variables); nothing secret is ever logged: params are the resolved 
 A resumed run passes the MLflow run id stored in its checkpoint back to :meth:`Tracker.start`, so a restart
 continues the same MLflow run instead of opening a duplicate.
 
+Metrics never hold training up. :meth:`Tracker.log_metrics` only queues them; a background thread sends them to the
+run in batches. While the server is unreachable (past the client's own retries) they wait in memory and go out when it
+is back, in the same run; past :attr:`Tracker.MAX_BUFFERED` values the oldest are dropped with a warning.
+:meth:`Tracker.end` waits up to :attr:`Tracker.FLUSH_AT_END_S` for the queue to drain.
+
 Model URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest`` (the newest version) and, as
 a convenience, ``models:/NAME@latest`` (MLflow reserves the alias name ``latest``, so it means the newest version
 too); :func:`download_model` resolves any of them, an s3:// prefix or a local directory to a local directory.
@@ -20,6 +25,9 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +80,21 @@ def filter_equals(field: str, value: str) -> str:
 class Tracker:
     """One MLflow run, written only where ``enabled`` (rank 0)."""
 
+    MAX_BUFFERED = 1_000_000  # metric values held while the server is away (~100 bytes each)
+    FLUSH_AT_END_S = 300.0  # how long end() waits for queued metrics: longer than the client's own retries
+    BATCH = 1000  # values per request (MLflow's log_batch limit)
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.run_id: str | None = None
         self.resumed = False
+        self.dropped = 0  # metric values dropped because the queue was full
+        self._queue: deque[tuple[int, Any]] = deque()  # (sequence number, mlflow Metric)
+        self._sequence = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
 
     def start(
         self,
@@ -130,13 +149,77 @@ class Tracker:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        """Queue finite values for the run (sent in the background; returns at once, whether or not MLflow is up)."""
         if not self.enabled:
             return
-        import mlflow
+        from mlflow.entities import Metric
 
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        if clean:
-            mlflow.log_metrics(clean, step=step)
+        timestamp = int(time.time() * 1000)
+        with self._lock:
+            for key, value in clean.items():
+                self._sequence += 1
+                self._queue.append((self._sequence, Metric(key, value, timestamp, step)))
+            overflow = len(self._queue) - self.MAX_BUFFERED
+            for _ in range(max(0, overflow)):
+                self._queue.popleft()
+            if overflow > 0:
+                if not self.dropped:
+                    log.warning("MLflow unreachable: metric queue full (%d); dropping the oldest", self.MAX_BUFFERED)
+                self.dropped += overflow
+        if self._sender is None and self.run_id is not None:
+            self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+            self._sender.start()
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            while self._send_batch():
+                failures = 0
+            if self.pending():  # the server is away: wait before the next try (a new value wakes us sooner)
+                failures += 1
+                self._stop.wait(min(30.0, 0.5 * 2**failures))
+                self._wake.set()
+
+    def _send_batch(self) -> bool:
+        """Send up to :attr:`BATCH` queued values; True when some went out."""
+        from mlflow import MlflowClient
+
+        with self._lock:
+            batch = [self._queue[i] for i in range(min(self.BATCH, len(self._queue)))]
+        if not batch:
+            return False
+        from mlflow.exceptions import MlflowException
+
+        try:
+            MlflowClient().log_batch(self.run_id, metrics=[metric for _, metric in batch])
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the server: keep the values, try later
+            status = exc.get_http_status_code() if isinstance(exc, MlflowException) else 0
+            if not (400 <= status < 500 and status != 429):
+                log.warning("MLflow: %d metric values wait for the server (%s)", self.pending(), type(exc).__name__)
+                return False
+            log.warning("MLflow refused %d metric values, dropped: %s", len(batch), exc)  # retrying cannot help
+        with self._lock:  # values dropped meanwhile left from the front; remove what was sent, by sequence number
+            sent = batch[-1][0]
+            while self._queue and self._queue[0][0] <= sent:
+                self._queue.popleft()
+        return True
+
+    def pending(self) -> int:
+        """Metric values queued and not yet sent."""
+        with self._lock:
+            return len(self._queue)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every queued value to be sent; True when none is left."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.05)
+        return not self.pending()
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if not self.enabled:
@@ -178,6 +261,12 @@ class Tracker:
             return
         import mlflow
 
+        if not self.flush(self.FLUSH_AT_END_S):
+            log.warning("MLflow: dropping %d metric values the server did not take", self.pending())
+        self._stop.set()
+        self._wake.set()
+        if self.dropped:
+            log.warning("MLflow: %d metric values were dropped while the server was unreachable", self.dropped)
         mlflow.end_run(status=status)
 
 
