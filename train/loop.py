@@ -6,8 +6,9 @@ its batches and a ``loss_fn`` — and hands it to :func:`run`, which is one visi
     restore newest checkpoint (step, optimizer, EMA, MLflow run id) ─┐
     for step in start..max_steps:                                    │ every rank
         grad_accum × (next batch → loss → backward → micro-step)    │
+          (a batch or loss with NaN/inf: skipped on every rank)      │
         every log_every: loss, lr, grad norm, samples/s, data wait, │ rank 0 logs
-                         skipped_samples (unreadable, run total)     │
+                         skipped_samples, nonfinite_steps (totals)   │
         every demo_every: task.demo (rank 0, EMA weights)            │
         every checkpoint_every and at the end: save + report         │ all ranks (a barrier)
     export the EMA weights (safetensors + resolved config), register in MLflow with an alias
@@ -101,6 +102,22 @@ def _sum_across_ranks(values: dict[str, int], world_size: int) -> dict[str, int]
     return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+MAX_NONFINITE_IN_A_ROW = 100  # micro-batches skipped as non-finite with no good one between: the run has diverged
+
+
+def _all_ranks(ok: bool, world_size: int) -> bool:
+    """Whether ``ok`` holds on every rank (a skip must be agreed: the next micro-step is collective)."""
+    if world_size == 1 or not dist.is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _finite(x: Any) -> bool:
+    return not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(torch.isfinite(x).all())
+
+
 def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = None) -> dict[str, Any]:
     """Train ``task`` to ``cfg.run.max_steps`` from the checkpoint dir ``restore`` (if any); returns the last logged
     metrics (rank 0's view)."""
@@ -118,23 +135,39 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
     tracker.set_tags({**tags_for(cfg), **task.tags} if ctx.is_main else {})
     start_step = engine.global_step
     samples_seen = int(state.get("samples_seen", 0))
-    # Run totals, all ranks together: unreadable samples the data passed over.
-    totals = {"skipped_samples": int(state.get("skipped_samples", 0))}
+    # Run totals, all ranks together: unreadable samples the data passed over, micro-batches skipped as non-finite.
+    totals = {k: int(state.get(k, 0)) for k in ("skipped_samples", "nonfinite_steps")}
+    nonfinite_in_a_row = 0
     tracker.log_metrics({"resumed_at_step": start_step}, step=start_step)
     last: dict[str, Any] = {"step": start_step}
     batches = task.batches(start_step)
 
     window_loss, window_extra, window_samples = 0.0, {}, 0
     window_wait, window_start = 0.0, time.perf_counter()
-    window_counts = dict.fromkeys(totals, 0)
+    window_counts = {"skipped_samples": 0}
     step = start_step
     while step < r.max_steps:
-        for _ in range(cfg.deepspeed.grad_accum):
+        micro = 0
+        while micro < cfg.deepspeed.grad_accum:
             t0 = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - t0
             window_counts["skipped_samples"] += int(batch.get("skipped", 0))
-            loss, extra = task.loss_fn(batch)
+            # A NaN/inf in the inputs or the loss would reach the weights, the EMA and the export through one step:
+            # skip the micro-batch on every rank (inputs before loss_fn, which may itself be collective).
+            ok = _all_ranks(_finite(batch.get("x")), ctx.world_size)
+            if ok:
+                loss, extra = task.loss_fn(batch)
+                ok = _all_ranks(_finite(loss.detach()), ctx.world_size)
+            if not ok:
+                totals["nonfinite_steps"] += 1  # agreed by every rank, so counted once, not summed
+                nonfinite_in_a_row += 1
+                log.warning("%s step %d: non-finite inputs or loss, micro-batch skipped", task.name, step)
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise FloatingPointError(f"{nonfinite_in_a_row} micro-batches in a row had non-finite inputs/loss")
+                continue
+            nonfinite_in_a_row = 0
+            micro += 1
             engine.backward(loss)
             engine.step()
             window_loss += extra.pop("loss", float(loss.detach())) / cfg.deepspeed.grad_accum
@@ -170,7 +203,7 @@ def run(task: Task, cfg: TrainConfig, ctx: RankContext, restore: Path | None = N
             last = {**metrics, "step": step, "logged_step": step}
             window_loss, window_extra, window_samples = 0.0, {}, 0
             window_wait, window_start = 0.0, time.perf_counter()
-            window_counts = dict.fromkeys(totals, 0)
+            window_counts = {"skipped_samples": 0}
 
         if task.demo is not None and ctx.is_main and (step % r.demo_every == 0 or step == r.max_steps):
             task.demo(step, tracker)
@@ -213,6 +246,11 @@ def _export(task: Task, cfg: TrainConfig, ctx: RankContext, tracker: Tracker) ->
     weights = task.engine.export_state_dict()
     if not ctx.is_main or task.export is None:
         return
+    broken = sorted(k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:  # never export, register or alias weights that would generate NaN audio
+        raise FloatingPointError(
+            f"{task.name}: not exported: non-finite weights in {broken[:5]} ({len(broken)} tensors)"
+        )
     with tempfile.TemporaryDirectory(prefix="longplay-export-") as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
