@@ -19,6 +19,7 @@ too); :func:`download_model` resolves any of them, an s3:// prefix or a local di
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 REGISTERED_ALIAS = "current"  # MLflow rejects the alias name "latest"; models:/NAME@latest resolves to the newest
 MAX_PARAM_CHARS = 500
 RUN_KEY_TAG = "longplay.run_key"
+EXPORT_POINTER = "EXPORT.json"  # in a run's export/: names the complete versioned export (train/loop.publish_export)
+EXPORTS_DIR = "exports"
 _FILTER_UNSAFE = re.compile(r"['\"\\]")  # what ends or escapes a quoted value in an MLflow filter
 
 
@@ -299,8 +302,27 @@ def _newest_version(client: Any, name: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
+def resolve_export(uri: str) -> str:
+    """A training run's ``export`` folder → the complete versioned export its ``EXPORT.json`` names; any other URI
+    (or an export written before the pointer existed) as it is."""
+    base = uri.rstrip("/")
+    if uri.startswith(("models:/", "runs:/")) or base.rsplit("/", 1)[-1] != "export":
+        return uri
+    try:
+        pointer = json.loads(storage.read_text(storage.join(uri, EXPORT_POINTER)))
+    except (FileNotFoundError, NotADirectoryError):
+        return uri
+    folder = str(pointer.get("folder", ""))
+    if not re.fullmatch(rf"{EXPORTS_DIR}/[0-9A-Za-z-]+", folder):  # data, not a path of its choosing
+        raise storage.StorageError(f"{uri}/{EXPORT_POINTER}: folder {folder!r} is not {EXPORTS_DIR}/VERSION")
+    parent = base.rsplit("/", 1)[0] if storage.is_s3(base) else str(Path(base).parent)
+    return storage.join(parent, *folder.split("/"))
+
+
 def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
-    """A local directory holding the export at ``uri`` (models:/…, runs:/…, s3:// prefix, or a local dir)."""
+    """A local directory holding the export at ``uri`` (models:/…, runs:/…, s3:// prefix, or a local dir); a
+    training run's ``export`` folder is resolved through its pointer first (:func:`resolve_export`)."""
+    uri = resolve_export(uri)
     if not uri.startswith(("models:/", "runs:/")) and not storage.is_s3(uri):
         path = Path(uri)
         if not path.exists():

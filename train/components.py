@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipeline.models.autoencoder import Autoencoder, build_autoencoder
-from pipeline.tracking import download_model
+from pipeline.tracking import download_model, resolve_export
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def load_vae(uri: str) -> Autoencoder:
     elif uri.startswith(("models:/", "runs:/")):
         vae = Autoencoder.from_pretrained(download_model(uri))
     else:
-        vae = Autoencoder.from_pretrained(uri)
+        vae = Autoencoder.from_pretrained(resolve_export(uri))  # a run's export/: the version its pointer names
     return vae.eval().requires_grad_(False)
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from pipeline import shards as shard_format
 from pipeline import storage
 from pipeline.config import TrainConfig, config_hash
-from pipeline.tracking import Tracker, git_sha
+from pipeline.tracking import EXPORT_POINTER, EXPORTS_DIR, Tracker, git_sha
 from train.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -259,8 +259,31 @@ def _export(task: Task, cfg: TrainConfig, ctx: RankContext, tracker: Tracker) ->
         (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True))
         tracker.log_artifacts(out, artifact_path="model")
         version = tracker.register(cfg.run.register_as or cfg.run.name, "model")
-        target = storage.join(cfg.run.checkpoint_uri, cfg.run.name, "export")
-        for path in sorted(out.rglob("*")):
-            if path.is_file():
-                storage.write_file(storage.join(target, str(path.relative_to(out))), path)
+        target = publish_export(out, storage.join(cfg.run.checkpoint_uri, cfg.run.name), task.engine.global_step)
         log.info("exported %s to %s (registered version %s)", task.name, target, version)
+
+
+def publish_export(out: Path, run_dir: str, step: int) -> str:
+    """Copy the export folder ``out`` to ``{run_dir}/exports/{version}/``, then point ``{run_dir}/export`` at it.
+
+    S3 has no atomic rename of a folder, so the pointer is what makes an export appear at once::
+
+        {run_dir}/exports/00000020-20260101T120000Z/...   every file, each write retried (storage.write_file)
+        {run_dir}/export/...                              a copy of the same files, for readers of plain files
+        {run_dir}/export/EXPORT.json                      {"folder": "exports/<version>", "files": [...]}: last
+
+    Readers that resolve the pointer (``pipeline.tracking.resolve_export``: ``download_model``, ``load_vae``,
+    generation) see the old export or the new one, never a mix, whatever point a crash stops this at. The plain
+    copy under ``export/`` is rewritten in place before the pointer moves, for readers that open its files directly.
+    Returns the versioned folder's URI.
+    """
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    version = f"{step:08d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    folder = storage.join(run_dir, EXPORTS_DIR, version)
+    for name in files:
+        storage.write_file(storage.join(folder, name), out / name)
+    for name in files:
+        storage.write_file(storage.join(run_dir, "export", name), out / name)
+    pointer = {"folder": f"{EXPORTS_DIR}/{version}", "files": files}
+    storage.write_text(storage.join(run_dir, "export", EXPORT_POINTER), json.dumps(pointer, indent=2))
+    return folder
