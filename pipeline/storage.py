@@ -337,18 +337,8 @@ def _write(uri: str, opener: Callable[[], IO[bytes]]) -> None:
     ``opener`` is called once per attempt: boto3 closes the stream when an upload fails, so a retry needs a new one.
     """
     if not is_s3(uri):
-        path = Path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, opener() as src:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with open_write(uri) as out, opener() as src:  # temp file beside the target, fsync, rename
+            shutil.copyfileobj(src, out, 1024 * 1024)
         return
     from boto3.s3.transfer import TransferConfig
 
