@@ -297,8 +297,11 @@ def load_autoencoder(
     uri_or_path: str | os.PathLike, config: AutoencoderConfig | None = None, device: str | torch.device = "cpu"
 ) -> Autoencoder:
     """:meth:`Autoencoder.from_pretrained`: a local path, or an s3:// URI of our export (a directory holding
-    model.safetensors + config.json, or one .safetensors file), fetched through ``pipeline.storage``."""
-    uri = str(uri_or_path)
+    model.safetensors + config.json, or one .safetensors file), fetched through ``pipeline.storage``. A training
+    run's ``export`` folder is read through its pointer (``pipeline.tracking.resolve_export``), never half-updated."""
+    from pipeline.tracking import resolve_export  # lazy: the model import path stays free of storage and MLflow
+
+    uri = resolve_export(str(uri_or_path))
     if "://" not in uri:
         return read_autoencoder(uri, config).to(device)
     try:

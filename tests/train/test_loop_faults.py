@@ -103,7 +103,7 @@ def test_nonfinite_batches_are_skipped_and_counted(mode, counted, tmp_path) -> N
     """Before: the NaN reached the weights and the EMA, and the NaN export was written and registered."""
     result = _run(mode, tmp_path)
     assert result["error"] is None and result["step"] == 6
-    assert result["weights_finite"] and result["exported"] == ["train_config.json", "weights.json"]
+    assert result["weights_finite"] and result["exported"] == ["EXPORT.json", "train_config.json", "weights.json"]
     assert all(v == v and abs(v) < float("inf") for _, v in result["history"]["loss"])
     assert result["history"]["nonfinite_steps"] == counted  # draws 2 and 5 (latents), 3 and 4 (loss)
     assert result["registered"] == ["t"]
