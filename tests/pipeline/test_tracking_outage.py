@@ -7,6 +7,7 @@ than the client retries" takes seconds, not minutes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -52,6 +53,9 @@ def test_metrics_wait_for_a_server_that_went_away_and_go_to_the_same_run(tmp_pat
 
     port = stack.free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    # An earlier test may have set MLflow's process-wide URI (it wins over the variable): point it here, put it back.
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setattr(tracking.Tracker, "MAX_BUFFERED", 8, raising=False)  # two values per step below
@@ -77,3 +81,7 @@ def test_metrics_wait_for_a_server_that_went_away_and_go_to_the_same_run(tmp_pat
         assert history == [(s, pytest.approx(1.0 / s)) for s in (1, 4, 5, 6, 7)]
     finally:
         _kill(server)
+        if mlflow.active_run() is not None:  # a failure above must not leave this run active for later tests
+            with contextlib.suppress(Exception):  # best effort: the server may be the one that is down
+                mlflow.end_run()
+        mlflow.set_tracking_uri(previous_uri)
