@@ -269,13 +269,6 @@ def kl(
 # CLAP score
 
 
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of (B, P) and (B, P) -> (B,)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-8)
-    return np.sum(a * b, axis=-1) / norms
-
-
 def clap_score(embedder: TextAudioEmbedder, prompts: Sequence[str], audio: Sequence[AudioInput]) -> float:
     """Mean cosine similarity between each prompt's text embedding and the embedding of its audio (row i of each),
     resampled to the embedder's rate and peak-normalised to -1 dBFS."""

@@ -24,10 +24,10 @@ MEL_BANDS, MEL_FFT, MEL_HOP = 64, 2048, 512
 ENVELOPE_SECONDS = 0.05
 
 
-def _magnitude(audio: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """(B, C, N) → |STFT| (B·C, F, frames), Hann window, hop n_fft / 4."""
+def _magnitude(audio: torch.Tensor, n_fft: int, hop: int | None = None) -> torch.Tensor:
+    """(B, C, N) → |STFT| (B·C, F, frames), Hann window, hop n_fft / 4 unless given."""
     window = torch.hann_window(n_fft, dtype=audio.dtype, device=audio.device)
-    spec = torch.stft(audio.flatten(0, 1), n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
+    spec = torch.stft(audio.flatten(0, 1), n_fft, hop_length=hop or n_fft // 4, window=window, return_complex=True)
     return spec.abs()
 
 
@@ -46,9 +46,7 @@ def log_mel_distance(reference: torch.Tensor, reconstruction: torch.Tensor, samp
     bank = torch.from_numpy(mel_filterbank(sample_rate, MEL_FFT, MEL_BANDS)).to(reference.dtype)
 
     def log_mel(audio: torch.Tensor) -> torch.Tensor:
-        window = torch.hann_window(MEL_FFT, dtype=audio.dtype)
-        spec = torch.stft(audio.flatten(0, 1), MEL_FFT, hop_length=MEL_HOP, window=window, return_complex=True)
-        return torch.log((bank @ spec.abs().square()).clamp_min(1e-5))
+        return torch.log((bank @ _magnitude(audio, MEL_FFT, MEL_HOP).square()).clamp_min(1e-5))
 
     return float((log_mel(reference) - log_mel(reconstruction)).abs().mean())
 
