@@ -178,7 +178,7 @@ def evaluate_model(
     model: str, prompts_path: str, reference: str | None, out_dir: str | Path, cfg: EvaluateConfig
 ) -> dict[str, Any]:
     """Generate, measure, write ``report.json`` and log to MLflow; returns the report as a dict."""
-    from pipeline import generate
+    from pipeline.components import load_bundle
     from pipeline.embedders import evaluate
 
     out_dir = Path(out_dir)
@@ -187,7 +187,7 @@ def evaluate_model(
     if refs is not None and not {p.id for p in prompts} & set(refs):
         log.warning("no prompt id matches a reference id: KL (paired by id) will not be computed, FD will")
     # Everything that can fail before the (long) generation does: the model, the embedders, the output folder.
-    bundle = generate.load(model)
+    bundle = load_bundle(model)
     embedders = embedders_for(bundle, cfg)
     shutil.rmtree(out_dir / "generated", ignore_errors=True)  # a reused --out never mixes in older files
     out_dir.mkdir(parents=True, exist_ok=True)

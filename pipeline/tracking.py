@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 REGISTERED_ALIAS = "current"  # MLflow rejects the alias name "latest"; models:/NAME@latest resolves to the newest
 MAX_PARAM_CHARS = 500
 RUN_KEY_TAG = "longplay.run_key"
+# The MLflow UI opens an experiment by its kind; without this tag MLflow 3 shows ours as GenAI (traces, "Evaluations").
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 EXPORT_POINTER = "EXPORT.json"  # in a run's export/: names the complete versioned export (train/loop.publish_export)
 EXPORTS_DIR = "exports"
+WEIGHTS_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a URI ending so names one weights file
 _FILTER_UNSAFE = re.compile(r"['\"\\]")  # what ends or escapes a quoted value in an MLflow filter
 
 
@@ -116,7 +119,10 @@ class Tracker:
             return
         import mlflow
 
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
+        found = mlflow.set_experiment(experiment)
+        experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:  # ours, so it opens on runs and charts; a kind set since is kept
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         if run_id is None and run_key is not None:
             found = mlflow.search_runs(
                 experiment_ids=[experiment_id],
@@ -320,8 +326,10 @@ def resolve_export(uri: str) -> str:
 
 
 def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
-    """A local directory holding the export at ``uri`` (models:/…, runs:/…, s3:// prefix, or a local dir); a
-    training run's ``export`` folder is resolved through its pointer first (:func:`resolve_export`)."""
+    """The one URI → local path function: a local directory holding the export at ``uri`` (models:/…, runs:/…,
+    s3:// prefix, or a local dir; an s3:// or local weights file gives that file). A training run's ``export``
+    folder is resolved through its pointer first (:func:`resolve_export`). Remote URIs are copied into ``dst``
+    (default: a new temp dir); a local path is returned as it is."""
     uri = resolve_export(uri)
     if not uri.startswith(("models:/", "runs:/")) and not storage.is_s3(uri):
         path = Path(uri)
@@ -330,6 +338,10 @@ def download_model(uri: str, dst: str | os.PathLike | None = None) -> Path:
         return path
     dst = Path(dst or tempfile.mkdtemp(prefix="longplay-model-"))
     dst.mkdir(parents=True, exist_ok=True)
+    if storage.is_s3(uri) and uri.endswith(WEIGHTS_SUFFIXES):  # one weights file (a checkpoint), not a folder
+        path = dst / uri.rsplit("/", 1)[-1]
+        path.write_bytes(storage.read_bytes(uri))
+        return path
     if storage.is_s3(uri):
         prefix = uri.rstrip("/")
         objs = [obj for obj in storage.list_uris(prefix) if not obj.endswith("/")]  # not folder markers

@@ -1,27 +1,26 @@
 """The VAE side of preprocessing: which autoencoder ``--vae`` names, and batched encoding of audio segments.
 
-``--vae`` is ``preset:NAME`` (an untrained preset with a seeded init, for tests and benchmarks), a local path or
-s3:// URI of an exported autoencoder, an MLflow model URI (``models:/name@alias``, ``runs:/...``), or ``none``
-(audio shards: each sample carries FLAC instead of latents). The driver resolves it once into a :class:`VaeSpec`
-(its id, config hash, channels and latent rate go into every sample and the index); every worker loads the same
-weights and checks their hash against the spec, so one job never mixes two encoders.
+``--vae`` is ``preset:NAME[@seedN]`` (an untrained preset with a seeded init, for tests and benchmarks), a local path
+or s3:// URI of an exported autoencoder, an MLflow model URI (``models:/name@alias``, ``runs:/...``), all read by
+:func:`pipeline.components.load_vae`, or ``none`` (audio shards: each sample carries FLAC instead of latents). The
+driver resolves it once into a :class:`VaeSpec` (its id, config hash, channels and latent rate go into every sample
+and the index); every worker loads the same weights and checks their hash against the spec, so one job never mixes
+two encoders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import components
 from pipeline.config import ConfigError
-from pipeline.weights import weights_hash
 
 SAMPLE_RATE = 44100
-PRESET_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -38,33 +37,9 @@ class VaeSpec:
         return self.vae_id == "none"
 
 
-def _mlflow_local(uri: str) -> str:
-    """Download an MLflow model URI; the autoencoder is the folder itself or its ``autoencoder/`` subfolder."""
-    import mlflow
-
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    for candidate in (local, os.path.join(local, "autoencoder"), os.path.join(local, "artifacts", "autoencoder")):
-        if os.path.exists(os.path.join(candidate, "config.json")):
-            return candidate
-    return local
-
-
 def load_vae(uri: str, device: str = "cpu"):
-    """The autoencoder ``uri`` names, in eval mode on ``device`` (None for ``none``)."""
-    import torch
-
-    from pipeline.models.autoencoder import Autoencoder, build_autoencoder
-
-    if uri == "none":
-        return None
-    if uri.startswith("preset:"):
-        with torch.random.fork_rng(devices=[]):  # every worker must build the same weights
-            torch.manual_seed(PRESET_SEED)
-            model = build_autoencoder(uri.removeprefix("preset:"))
-        return model.eval().to(device)
-    if uri.startswith(("models:/", "runs:/")):
-        uri = _mlflow_local(uri)
-    return Autoencoder.from_pretrained(uri, device=device).eval()
+    """The autoencoder ``uri`` names, frozen on ``device`` (None for ``none``)."""
+    return None if uri == "none" else components.load_vae(uri, device)
 
 
 def resolve_vae(uri: str) -> VaeSpec:
@@ -73,11 +48,11 @@ def resolve_vae(uri: str) -> VaeSpec:
         return VaeSpec(uri, "none", "none", 2, float(SAMPLE_RATE))
     try:
         model = load_vae(uri)
+        vae_id = components.vae_id(uri if uri.startswith("preset:") else model)
     except Exception as exc:  # any failure to load a user-named model is a usage error, reported in one line
         message = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(f"--vae: cannot load {uri!r} ({type(exc).__name__}: {message})") from None
     cfg_hash = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-    vae_id = f"{uri}@seed{PRESET_SEED}" if uri.startswith("preset:") else f"sha256:{weights_hash(model)[:16]}"
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return VaeSpec(uri, vae_id, cfg_hash, model.latent_channels, float(model.latent_rate), dtype)
 
@@ -86,7 +61,7 @@ def check_loaded(model, spec: VaeSpec) -> None:
     """A worker's copy of the VAE must be the one the driver resolved (an s3 object may change mid-job)."""
     if spec.uri.startswith("preset:") or model is None:
         return
-    got = f"sha256:{weights_hash(model)[:16]}"
+    got = components.vae_id(model)
     if got != spec.vae_id:
         raise RuntimeError(f"--vae {spec.uri}: worker loaded weights {got}, the job started with {spec.vae_id}")
 

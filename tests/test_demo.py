@@ -75,3 +75,6 @@ def test_quick_demo_runs_every_stage(local_stack):
     assert any(k.startswith("clap_score.") for k in evaluation.data.metrics)
     logged = {a.path for a in client.list_artifacts(evaluation.info.run_id, "generated")}
     assert logged == {f"generated/{r['id']}.wav" for r in report["generated"]}
+
+    # the experiment is a model-training one, so the MLflow UI opens it on runs and metric charts, not GenAI traces
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

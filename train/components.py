@@ -1,5 +1,5 @@
-"""Frozen components a loop reads (the VAE; a trained CLAP comes from :func:`pipeline.generate.load_clap`) and the
-export layout the loops write.
+"""The export layout the loops write. Loading a frozen VAE or CLAP is :mod:`pipeline.components` (``load_vae`` is
+re-exported here for the loops that import it from this module).
 
 Export of a trained CLAP (a directory; also what its MLflow registered model version points at)::
 
@@ -16,34 +16,16 @@ The diffusion export adds what generation needs, so one URI is a whole bundle::
 
 from __future__ import annotations
 
-import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.models.autoencoder import Autoencoder, build_autoencoder
-from pipeline.tracking import download_model, resolve_export
+from pipeline.components import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_vae
+from pipeline.tracking import download_model
 
-log = logging.getLogger(__name__)
-
-WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
-PRESET_SEED = 0  # "preset:NAME" VAEs are freshly initialised from this seed, the convention preprocessing follows
-
-
-def load_vae(uri: str) -> Autoencoder:
-    """The frozen VAE: ``preset:NAME`` (initialised from :data:`PRESET_SEED`), a local/s3:// export or models:/…"""
-    if uri.startswith("preset:"):
-        # "preset:tiny" or the vae_id preprocessing records for it, "preset:tiny@seed0"
-        name, _, seed = uri.removeprefix("preset:").partition("@seed")
-        with torch.random.fork_rng():
-            torch.manual_seed(int(seed) if seed else PRESET_SEED)
-            vae = build_autoencoder(name)
-    elif uri.startswith(("models:/", "runs:/")):
-        vae = Autoencoder.from_pretrained(download_model(uri))
-    else:
-        vae = Autoencoder.from_pretrained(resolve_export(uri))  # a run's export/: the version its pointer names
-    return vae.eval().requires_grad_(False)
+__all__ = ["CONFIG_FILE", "TOKENIZER_FILE", "WEIGHTS_FILE", "copy_export", "load_vae", "save_weights", "vae_uri"]
 
 
 def vae_uri(configured: str | None, index: dict[str, Any]) -> str:
@@ -64,7 +46,5 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path, prefix: str = "")
 
 def copy_export(uri: str, target: Path) -> None:
     """Copy an export (any URI :func:`download_model` takes) into ``target``."""
-    import shutil
-
     source = download_model(uri)
     shutil.copytree(source, target, dirs_exist_ok=True)

@@ -6,9 +6,8 @@ A fully convolutional encoder/decoder (DAC / Oobleck family) with SnakeBeta acti
     latents (B, C, T) ─Decoder→ audio (B, 2, T · D)          with D = prod(strides), T = N' / D = ceil(N / D)
 
 Three presets: ``sa1`` (the paper's 133M model, D = 1024), ``sa-open`` (Stable Audio Open's "Oobleck", D = 2048,
-~156M) and ``tiny`` (CPU tests). Weight import from stable-audio-tools and diffusers lives in
-:mod:`pipeline.weights.autoencoder`; :meth:`Autoencoder.from_pretrained` / :meth:`Autoencoder.save_pretrained`
-call into it lazily so this module imports only torch.
+~156M) and ``tiny`` (CPU tests). This module imports only torch: reading and writing weights (our export,
+stable-audio-tools, diffusers) is :mod:`pipeline.weights.autoencoder`, loading by URI :mod:`pipeline.components`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,13 +23,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.models.blocks import (
-    RESIDUAL_DILATIONS,
-    RESIDUAL_KERNEL,
     DecoderBlock,
     EncoderBlock,
     ResidualUnit,
     SnakeBeta,
+    chunk_windows,
     conv1d,
+    decoder_context_latents,
+    encoder_context_latents,
 )
 
 
@@ -213,47 +212,6 @@ def vae_bottleneck(
     return mean + std * eps, kl
 
 
-# ---------------------------------------------------------------------------------------- receptive fields
-def encoder_context_latents(cfg: AutoencoderConfig) -> int:
-    """Latent frames of audio context needed on each side so that a chunk's kept frames equal a full pass.
-
-    Sums every conv's span (kernel−1)·dilation·(samples per step at its input): the full receptive field in
-    samples. Using the whole field on *each* side is conservative (it is roughly centred) but always exact.
-    """
-    span, hop = 6, 1  # input conv: 7 taps at the audio rate
-    for s in cfg.strides:
-        span += sum((RESIDUAL_KERNEL - 1) * d for d in RESIDUAL_DILATIONS) * hop
-        span += (2 * s - 1) * hop  # strided conv, k = 2s
-        hop *= s
-    span += (cfg.encoder_out_kernel - 1) * hop
-    return math.ceil(span / cfg.downsampling)
-
-
-def decoder_context_latents(cfg: AutoencoderConfig) -> int:
-    """Latent frames of context needed on each side of a decoded chunk (the decoder's receptive field in latents,
-    used on both sides, conservatively)."""
-    span, upsampled = float(cfg.decoder_in_kernel - 1), 1
-    for s in reversed(cfg.strides):
-        span += 2.0 / upsampled  # a k = 2s transposed conv mixes 2 input steps
-        upsampled *= s
-        span += sum((RESIDUAL_KERNEL - 1) * d for d in RESIDUAL_DILATIONS) / upsampled
-    span += 6 / upsampled  # output conv
-    return math.ceil(span)
-
-
-def _windows(total: int, chunk: int, context: int) -> list[tuple[int, int, int, int]]:
-    """Split [0, total) into cores of ``chunk − 2·context`` frames, each read with ``context`` extra frames on both
-    sides (clipped at the ends). Returns (read_start, read_end, core_start, core_end) per window."""
-    core = chunk - 2 * context
-    if core < 1:
-        raise ValueError(f"chunk of {chunk} frames leaves no core after {context} frames of context on each side")
-    out = []
-    for core_start in range(0, total, core):
-        core_end = min(total, core_start + core)
-        out.append((max(0, core_start - context), min(total, core_end + context), core_start, core_end))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- model
 class Autoencoder(nn.Module):
     """Encoder + VAE bottleneck + decoder. Audio is float32 (B, audio_channels, N) at ``sample_rate`` Hz.
@@ -356,17 +314,17 @@ class Autoencoder(nn.Module):
             kept      |core 0------|core 1------|core 2-----|
 
         Windows start on multiples of D, so frames line up with a full pass. The default context is the
-        encoder's whole receptive field (:func:`encoder_context_latents`), which makes the result equal to
+        encoder's whole receptive field (:func:`encoder_context_latents` in blocks), which makes the result equal to
         :meth:`encode` up to float rounding. A window is never shorter than 2·context + 1 frames.
         Returns (B, C, ceil(N / D)).
         """
         audio = self._pad(audio)
         d = self.downsampling
-        context = self._frames(overlap_seconds, encoder_context_latents(self.cfg))
+        context = self._frames(overlap_seconds, encoder_context_latents(self.cfg.strides, self.cfg.encoder_out_kernel))
         chunk = max(round(chunk_seconds * self.latent_rate), 2 * context + 1)
         parts = []
         with parametrize.cached():  # weight-norm weights computed once, not once per window
-            for read_start, read_end, core_start, core_end in _windows(audio.shape[-1] // d, chunk, context):
+            for read_start, read_end, core_start, core_end in chunk_windows(audio.shape[-1] // d, chunk, context):
                 moments = self.encoder(audio[..., read_start * d : read_end * d])
                 parts.append(moments[..., core_start - read_start : core_end - read_start])
         return vae_bottleneck(torch.cat(parts, dim=-1), sample=sample, generator=generator)[0]
@@ -378,11 +336,11 @@ class Autoencoder(nn.Module):
         """Like :meth:`decode` for long latents, in windows of ``chunk_seconds`` with ``overlap_seconds`` of
         discarded context on each side (default: :func:`decoder_context_latents`). Returns (B, audio_channels, T·D)."""
         d = self.downsampling
-        context = self._frames(overlap_seconds, decoder_context_latents(self.cfg))
+        context = self._frames(overlap_seconds, decoder_context_latents(self.cfg.strides, self.cfg.decoder_in_kernel))
         chunk = max(round(chunk_seconds * self.latent_rate), 2 * context + 1)
         parts = []
         with parametrize.cached():
-            for read_start, read_end, core_start, core_end in _windows(latents.shape[-1], chunk, context):
+            for read_start, read_end, core_start, core_end in chunk_windows(latents.shape[-1], chunk, context):
                 audio = self.decode(latents[..., read_start:read_end])
                 parts.append(audio[..., (core_start - read_start) * d : (core_end - read_start) * d])
         return torch.cat(parts, dim=-1)
@@ -390,26 +348,21 @@ class Autoencoder(nn.Module):
     def _frames(self, seconds: float | None, default: int) -> int:
         return default if seconds is None else math.ceil(seconds * self.latent_rate)
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ persistence: moved to pipeline.components
+    # Kept only while train/vae.py, train/diffusion.py, pipeline/generate.py and tests/train still call them
+    # (tests/test_layering.py names this edge as the one pending exception); delete both then.
     @classmethod
-    def from_pretrained(
-        cls, uri_or_path: str | Path, config: AutoencoderConfig | None = None, device: str | torch.device = "cpu"
-    ) -> Autoencoder:
-        """Load our export (a directory with model.safetensors + config.json, or one .safetensors file), a
-        stable-audio-tools checkpoint (.ckpt/.safetensors) or a diffusers ``AutoencoderOobleck`` folder.
+    def from_pretrained(cls, uri: str | Any, config: AutoencoderConfig | None = None, device: str = "cpu"):
+        """Deprecated: :func:`pipeline.components.load_vae`."""
+        from pipeline.components import load_vae
 
-        ``config`` overrides what can't be read from the weights (e.g. ``final_tanh`` for a bare
-        stable-audio-tools checkpoint). Returned in eval mode on ``device``.
-        """
-        from pipeline.weights.autoencoder import load_autoencoder  # lazy: keeps this module torch-only
+        return load_vae(str(uri), device, config)
 
-        return load_autoencoder(uri_or_path, config=config, device=device)
+    def save_pretrained(self, directory: str | Any) -> Any:
+        """Deprecated: :func:`pipeline.components.save_vae`."""
+        from pipeline.components import save_vae
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (the config as JSON) into ``directory``; returns it."""
-        from pipeline.weights.autoencoder import save_autoencoder
-
-        return save_autoencoder(self, directory)
+        return save_vae(self, directory)
 
 
 @torch.no_grad()
@@ -426,11 +379,6 @@ def _variance_preserving_stages(model: nn.Module) -> None:
         if isinstance(module, nn.Conv1d | nn.ConvTranspose1d) and id(module) not in branches:
             weight_norm = getattr(module, "parametrizations", None)
             (weight_norm.weight.original0 if weight_norm is not None else module.weight).mul_(math.sqrt(3.0))
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (works on the meta device; weight-norm g and v both count)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 def build_autoencoder(preset: str, device: str | torch.device = "cpu") -> Autoencoder:

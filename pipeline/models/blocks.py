@@ -115,3 +115,45 @@ class DecoderBlock(nn.Module):
         for unit in self.units:
             x = unit(x)
         return x
+
+
+# ---------------------------------------------------------------------------------------- receptive fields
+def encoder_context_latents(strides: tuple[int, ...], out_kernel: int) -> int:
+    """Latent frames of audio context needed on each side so that a chunk's kept frames equal a full pass, for an
+    encoder of these block ``strides`` ending in a conv of ``out_kernel`` taps.
+
+    Sums every conv's span (kernel−1)·dilation·(samples per step at its input): the full receptive field in
+    samples. Using the whole field on *each* side is conservative (it is roughly centred) but always exact.
+    """
+    span, hop = 6, 1  # input conv: 7 taps at the audio rate
+    for s in strides:
+        span += sum((RESIDUAL_KERNEL - 1) * d for d in RESIDUAL_DILATIONS) * hop
+        span += (2 * s - 1) * hop  # strided conv, k = 2s
+        hop *= s
+    span += (out_kernel - 1) * hop
+    return math.ceil(span / math.prod(strides))
+
+
+def decoder_context_latents(strides: tuple[int, ...], in_kernel: int) -> int:
+    """Latent frames of context needed on each side of a decoded chunk (the decoder's receptive field in latents,
+    used on both sides, conservatively), for a decoder starting with a conv of ``in_kernel`` taps."""
+    span, upsampled = float(in_kernel - 1), 1
+    for s in reversed(strides):
+        span += 2.0 / upsampled  # a k = 2s transposed conv mixes 2 input steps
+        upsampled *= s
+        span += sum((RESIDUAL_KERNEL - 1) * d for d in RESIDUAL_DILATIONS) / upsampled
+    span += 6 / upsampled  # output conv
+    return math.ceil(span)
+
+
+def chunk_windows(total: int, chunk: int, context: int) -> list[tuple[int, int, int, int]]:
+    """Split [0, total) into cores of ``chunk − 2·context`` frames, each read with ``context`` extra frames on both
+    sides (clipped at the ends). Returns (read_start, read_end, core_start, core_end) per window."""
+    core = chunk - 2 * context
+    if core < 1:
+        raise ValueError(f"chunk of {chunk} frames leaves no core after {context} frames of context on each side")
+    out = []
+    for core_start in range(0, total, core):
+        core_end = min(total, core_start + core)
+        out.append((max(0, core_start - context), min(total, core_end + context), core_start, core_end))
+    return out

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -250,7 +249,10 @@ def _read_ours(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
 
 
 def read_autoencoder(src: str | os.PathLike, config: AutoencoderConfig | None = None) -> Autoencoder:
-    """An :class:`Autoencoder` (CPU, float32, eval mode) from a local path in any supported format."""
+    """An :class:`Autoencoder` (CPU, float32, eval mode) from a local path in any supported format: our export (a
+    directory with model.safetensors + config.json, or one .safetensors file), a stable-audio-tools checkpoint
+    (.ckpt/.safetensors) or a diffusers ``AutoencoderOobleck`` folder. ``config`` overrides what can't be read from
+    the weights (e.g. ``final_tanh`` for a bare stable-audio-tools checkpoint). Any URI: ``pipeline.components``."""
     src = Path(src)
     source_format = detect_format(src)
     extra: dict[str, object] = {}
@@ -291,32 +293,6 @@ def _sat_overrides(model_config: dict[str, object]) -> dict[str, object]:
     if isinstance(decoder, dict):  # stable-audio-tools' OobleckDecoder defaults to final_tanh=True
         out["final_tanh"] = bool(decoder.get("config", {}).get("final_tanh", True))
     return out
-
-
-def load_autoencoder(
-    uri_or_path: str | os.PathLike, config: AutoencoderConfig | None = None, device: str | torch.device = "cpu"
-) -> Autoencoder:
-    """:meth:`Autoencoder.from_pretrained`: a local path, or an s3:// URI of our export (a directory holding
-    model.safetensors + config.json, or one .safetensors file), fetched through ``pipeline.storage``. A training
-    run's ``export`` folder is read through its pointer (``pipeline.tracking.resolve_export``), never half-updated."""
-    from pipeline.tracking import resolve_export  # lazy: the model import path stays free of storage and MLflow
-
-    uri = resolve_export(str(uri_or_path))
-    if "://" not in uri:
-        return read_autoencoder(uri, config).to(device)
-    try:
-        from pipeline import storage
-    except ImportError as exc:  # pragma: no cover - storage ships with the package
-        raise ValueError(f"{uri}: remote URIs need pipeline.storage") from exc
-    with tempfile.TemporaryDirectory(prefix="longplay-vae-") as tmp:
-        if uri.endswith((".safetensors", ".ckpt", ".pt")):
-            local = Path(tmp) / uri.rsplit("/", 1)[-1]
-            local.write_bytes(storage.read_bytes(uri))
-        else:
-            local = Path(tmp)
-            for name in (CONFIG_FILE, WEIGHTS_FILE):
-                (local / name).write_bytes(storage.read_bytes(uri.rstrip("/") + "/" + name))
-        return read_autoencoder(local, config).to(device)
 
 
 def save_autoencoder(model: Autoencoder, directory: str | os.PathLike) -> Path:

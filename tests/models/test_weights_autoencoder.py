@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from pipeline.components import load_vae
 from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig
 from pipeline.weights import detect_format, import_weights, load_state_dict_file
 
@@ -71,15 +72,15 @@ def _assert_matches(model: Autoencoder, reference: torch.nn.Module, tanh: bool =
 
 def test_diffusers_folder_imports_numerically(reference, diffusers_dir) -> None:
     assert detect_format(diffusers_dir) == "diffusers"
-    model = Autoencoder.from_pretrained(diffusers_dir)
+    model = load_vae(diffusers_dir)
     assert model.cfg.strides == (2, 4) and model.latent_channels == 4 and model.cfg.weight_norm
     _assert_matches(model, reference)
 
 
 def test_weight_norm_can_be_folded_on_import(reference, diffusers_dir) -> None:
-    inferred = Autoencoder.from_pretrained(diffusers_dir).cfg
+    inferred = load_vae(diffusers_dir).cfg
     plain = AutoencoderConfig(**{**inferred.to_dict(), "weight_norm": False})
-    model = Autoencoder.from_pretrained(diffusers_dir, config=plain)
+    model = load_vae(diffusers_dir, config=plain)
     assert not any("parametrizations" in k for k in model.state_dict())
     _assert_matches(model, reference)
 
@@ -111,12 +112,12 @@ def test_stable_audio_tools_checkpoint_imports_numerically(reference, tmp_path) 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": sat, "global_step": 7}, ckpt)
     assert detect_format(ckpt) == "stable-audio-tools"
-    _assert_matches(Autoencoder.from_pretrained(ckpt), reference)
+    _assert_matches(load_vae(ckpt), reference)
 
     # a model_config.json beside it supplies what shapes can't tell: stable-audio-tools' decoder final_tanh
     config = {"sample_rate": 44100, "model": {"pretransform": {"config": {"decoder": {"config": {}}}}}}
     (tmp_path / "model_config.json").write_text(json.dumps(config))
-    with_tanh = Autoencoder.from_pretrained(ckpt)
+    with_tanh = load_vae(ckpt)
     assert with_tanh.cfg.final_tanh
     _assert_matches(with_tanh, reference, tanh=True)
 
@@ -130,7 +131,7 @@ def test_import_weights_writes_a_loadable_single_file(reference, diffusers_dir, 
     assert component["config"]["strides"] == [2, 4]
     assert detect_format(dst) == "longplay"
     assert all(k.startswith("autoencoder.") for k in load_state_dict_file(dst))
-    _assert_matches(Autoencoder.from_pretrained(dst), reference)
+    _assert_matches(load_vae(dst), reference)
 
 
 def test_unpickling_checkpoints_are_refused(tmp_path) -> None:
@@ -149,7 +150,7 @@ def test_unknown_keys_are_named(reference, tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderOobleck"}))
     with pytest.raises(KeyError, match="encoder.block.0.mystery.weight"):
-        Autoencoder.from_pretrained(tmp_path)
+        load_vae(tmp_path)
 
 
 def test_import_weights_of_a_diffusers_pipeline_folder_includes_the_dit(reference, tmp_path) -> None:
@@ -175,4 +176,4 @@ def test_import_weights_of_a_diffusers_pipeline_folder_includes_the_dit(referenc
     assert summary["components"]["dit"]["parameters"] == sum(p.numel() for p in dit.parameters())
     keys = load_state_dict_file(tmp_path / "all.safetensors")
     assert any(k.startswith("dit.") for k in keys) and any(k.startswith("autoencoder.") for k in keys)
-    _assert_matches(Autoencoder.from_pretrained(tmp_path / "all.safetensors"), reference)
+    _assert_matches(load_vae(tmp_path / "all.safetensors"), reference)

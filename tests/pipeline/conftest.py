@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipeline.components import save_vae
 from pipeline.models.autoencoder import build_autoencoder
 from pipeline.models.clap import build_clap
 from pipeline.models.conditioning import build_diffusion_model
@@ -31,7 +32,7 @@ def bundle_dir(tmp_path_factory):
     model = build_diffusion_model("tiny")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
     vae = build_autoencoder("tiny")
-    vae.save_pretrained(root / "autoencoder")
+    save_vae(vae, root / "autoencoder")
     config = {"kind": "diffusion", "preset": "tiny", "latent_rate": vae.latent_rate, "window_seconds": 2.0}
     (root / "config.json").write_text(json.dumps(config))
     return root

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import components
 from pipeline.config import ConfigError
+from pipeline.weights import weights_hash
 from preprocess import augment, encode
 
 CHAIN = [
@@ -56,7 +58,7 @@ def test_preset_vae_is_seeded_and_identified():
     assert spec.vae_id == "preset:tiny@seed0" and spec.latent_channels == 16
     assert spec.latent_rate == pytest.approx(44100 / 1024)
     a, b = encode.load_vae("preset:tiny"), encode.load_vae("preset:tiny")
-    assert encode.weights_hash(a) == encode.weights_hash(b)
+    assert weights_hash(a) == weights_hash(b)
     assert encode.resolve_vae("none").audio_only
     with pytest.raises(ConfigError, match="--vae"):
         encode.resolve_vae("preset:nope")
@@ -64,9 +66,9 @@ def test_preset_vae_is_seeded_and_identified():
 
 def test_exported_vae_is_identified_by_its_weights(tmp_path):
     model = encode.load_vae("preset:tiny")
-    model.save_pretrained(tmp_path / "vae")
+    components.save_vae(model, tmp_path / "vae")
     spec = encode.resolve_vae(str(tmp_path / "vae"))
-    assert spec.vae_id == f"sha256:{encode.weights_hash(model)[:16]}"
+    assert spec.vae_id == f"sha256:{weights_hash(model)[:16]}"
     encode.check_loaded(encode.load_vae(str(tmp_path / "vae")), spec)
     with pytest.raises(RuntimeError, match="worker loaded weights"):
         encode.check_loaded(encode.load_vae("preset:tiny"), spec.__class__(**{**spec.__dict__, "vae_id": "sha256:0"}))
