@@ -1,216 +1,23 @@
-"""The ``longplay`` command (SPEC §5).
+"""``python -m pipeline.cli`` and ``pipeline.cli:main``, kept while callers move: the ``longplay`` command tree is
+``infra/cli.py``, at the top of the import graph.
 
-The command tree lives here; each stage's handler lives with its stage and is named by a dotted string
-(``"infra.cli:stack_up"``) that is imported only when that command runs. So ``pipeline`` never imports
-``preprocess``, ``train`` or ``infra`` at module level, and ``longplay --help`` stays fast.
-
-Exit codes: 0 ok, 1 the job failed, 2 bad usage or config (one line naming the key and what is wrong).
+The one import from ``pipeline`` into a stage, named as pending in tests/test_layering.py. Callers left:
+infra/submit.py (the Ray Job entrypoint), tests/pipeline/test_config.py, tests/pipeline/test_generate.py,
+tests/train/test_kill_and_relaunch.py and tests/test_end_to_end.py. Delete this module when they use ``infra.cli``.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import math
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
-
-from pipeline.config import ConfigError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes at most this
-
-
-class UsageError(Exception):
-    """Bad usage; the message is printed as one line and the command exits 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's usage errors as a :class:`UsageError`: one line naming the argument, exit 2, like a config error."""
-
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix("longplay").strip()
-        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
-
-
-def bounded(kind: type[int] | type[float], low: float | None = None, high: float | None = None, above: bool = False):
-    """An argparse ``type``: a finite ``kind`` in [low, high] (``above``: strictly greater than ``low``), so that
-    ``--steps 0`` or ``--seconds nan`` is a usage error naming the flag, not a traceback from deep in a sampler."""
-    noun = "an integer" if kind is int else "a number"
-    limits = [f"{'>' if above else '>='} {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
-    wanted = " ".join([noun, " and ".join(limit for limit in limits if limit)]).strip()
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        too_low = low is not None and (value <= low if above else value < low)
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # what argparse names in its own messages
-    return parse
-
-
-def _handler(path: str) -> Callable[[argparse.Namespace], int]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="longplay", description="Stable Audio as a distributed training system")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(parent, name: str, handler: str, help: str) -> argparse.ArgumentParser:
-        """Add a subcommand run by ``handler`` ("module:function")."""
-        p = parent.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler, command_name=p.prog.removeprefix("longplay "))
-        return p
-
-    # stack ------------------------------------------------------------------------------------------------
-    stack = sub.add_parser("stack", help="the local service stack (S3, MLflow, Ray) on 127.0.0.1")
-    stack_sub = stack.add_subparsers(dest="stack_command", required=True)
-    for name, help in (("up", "start the stack and print export lines"), ("down", "stop it"), ("status", "health")):
-        p = command(stack_sub, name, f"infra.cli:stack_{name}", help)
-        p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
-        if name == "up":
-            p.add_argument("--num-cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
-    p = command(stack_sub, "join", "infra.cli:stack_join", "start another Ray node here, joined to the stack's head")
-    p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
-    p.add_argument("--num-cpus", type=int, default=1, help="CPUs the joined node offers (default: 1)")
-    p = command(stack_sub, "leave", "infra.cli:stack_leave", "stop nodes `stack join` started (all without NAME)")
-    p.add_argument("--state-dir", default=".longplay", help="where the stack keeps its state (.longplay)")
-    p.add_argument("name", nargs="?", default=None, help="a joined node (node1, ...)")
-
-    # data ------------------------------------------------------------------------------------------------
-    data = sub.add_parser("data", help="datasets")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    p = command(data_sub, "demo", "preprocess.demo_dataset:data_demo", "render the demo music dataset")
-    p.add_argument("out")
-    p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0, help="which pieces, instruments and tempi (deterministic)")
-
-    # preprocess / shards ----------------------------------------------------------------------------------
-    p = command(sub, "preprocess", "preprocess.cli:preprocess", "audio → latent shards (Ray job)")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--vae", required=True)
-    p.add_argument("--manifest")
-    p.add_argument("--config")
-    p.add_argument(
-        "--allow-outside-src",
-        action="store_true",
-        help="read manifest rows naming files outside SRC (refused by default: a manifest is data)",
-    )
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    shards = sub.add_parser("shards", help="inspect or verify a preprocess output")
-    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
-    for name in ("inspect", "verify"):
-        p = command(shards_sub, name, f"pipeline.commands:shards_{name}", f"{name} a preprocess output")
-        p.add_argument("out")
-
-    # train / submit ----------------------------------------------------------------------------------------
-    p = command(sub, "train", "train.cli:train", "DeepSpeed training through Ray Train")
-    p.add_argument("kind", choices=["vae", "clap", "diffusion"])
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p = command(sub, "submit", "infra.cli:submit", "submit a longplay command as a Ray Job to RAY_ADDRESS")
-    p.add_argument("--no-wait", action="store_true", help="return after submitting; see `longplay jobs`")
-    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- longplay <command> ...")
-    p = command(sub, "jobs", "infra.cli:jobs", "status, logs or stop of a submitted job")
-    p.add_argument("action", choices=["status", "logs", "stop"])
-    p.add_argument("job_id")
-    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-
-    # generate / evaluate -----------------------------------------------------------------------------------
-    p = command(sub, "generate", "pipeline.commands:generate", "text + seconds → 44.1 kHz stereo wav")
-    p.add_argument("model", help="bundle: local dir, s3:// prefix or models:/name@alias")
-    p.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
-    p.add_argument("--prompts", help="a file with one prompt per line; -o is then a directory")
-    p.add_argument("--seconds", type=bounded(float, 0, above=True), required=True, help="length of the output (s)")
-    p.add_argument("--seconds-start", type=bounded(float, 0), default=0.0, help="timing condition: crop start (s)")
-    p.add_argument("--steps", type=bounded(int, 1), default=50, help="sampler steps")
-    p.add_argument("--cfg", type=bounded(float, 0), default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=bounded(int, 0, SEED_MAX), default=0, help="sampling seed")
-    p.add_argument("--sampler", default="dpmpp-3m-sde", choices=["dpmpp-3m-sde", "dpmpp-2m", "euler"])
-    p.add_argument("-o", "--output", required=True, help="F.wav (or a directory with --prompts)")
-    p = command(sub, "evaluate", "pipeline.evaluate:evaluate_command", "generate for a prompt file, then the metrics")
-    p.add_argument("model", help="bundle: local dir, s3:// prefix or models:/name@alias")
-    p.add_argument("--prompts", required=True, help=".jsonl rows {id, prompt, seconds} or one prompt per line")
-    p.add_argument("--reference", help="audio shards (preprocess --vae none) or a folder of audio files")
-    p.add_argument("--out", help="where generated/*.wav and report.json go (default: a new temp dir)")
-    p.add_argument("--config", help="evaluate YAML (steps, cfg_scale, sampler, embedder weights, ...)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-    # config ----------------------------------------------------------------------------------------------
-    config = sub.add_parser("config", help="configuration files")
-    config_sub = config.add_subparsers(dest="config_command", required=True)
-    p = command(config_sub, "validate", "pipeline.commands:config_validate", "load, validate and print a config")
-    p.add_argument("schema", choices=["train", "preprocess"])
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-    # weights / models / demo -------------------------------------------------------------------------------
-    weights = sub.add_parser("weights", help="weight conversion")
-    weights_sub = weights.add_subparsers(dest="weights_command", required=True)
-    p = command(weights_sub, "import", "pipeline.commands:weights_import", "import SAT/diffusers weights")
-    p.add_argument("src")
-    p.add_argument("--to", required=True, dest="dst")
-    models = sub.add_parser("models", help="model presets")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
-    p = command(models_sub, "summary", "pipeline.commands:models_summary", "parameter counts of a preset")
-    p.add_argument("preset", choices=["tiny", "sa1", "sa-open"])
-    p.add_argument("--json", action="store_true")
-    p = command(sub, "demo", "infra.demo:demo_command", "the whole system on the demo music dataset")
-    p.add_argument("--state-dir", default=".longplay", help="stack state; the demo writes under STATE_DIR/demo")
-    p.add_argument("--minutes", type=float, default=None, help="minutes of music to render (default: the preset's)")
-    p.add_argument("--quick", action="store_true", help="a smaller run for tests: fewer minutes and steps")
-    return parser
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse, letting ``key=value`` overrides come anywhere (argparse stops taking positionals after options).
-
-    ``longplay preprocess SRC OUT --vae V a.b=1`` leaves ``a.b=1`` unparsed; it joins ``args.overrides``.
-    """
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*(args.overrides or []), *extra]
-    return args
+from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parse_args(parser, argv)
-    except UsageError as err:
-        print(f"longplay: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        code = _handler(args.handler)(args)
-    except (ConfigError, UsageError) as err:
-        print(f"longplay: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("longplay: interrupted", file=sys.stderr)
-        return EXIT_FAILED
-    return int(code or 0)
+    """``infra.cli.main``."""
+    from infra.cli import main as longplay
+
+    return longplay(argv)
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so exception classes are the ones handlers raise (not __main__'s copies).
-    from pipeline.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Handlers for the commands that belong to the shared library: config, models, weights."""
+"""Handlers for the commands that belong to the shared library (config, models, weights, shards, generate), and
+:class:`UsageError`, which any handler raises for bad usage. The command tree that runs them is ``infra/cli.py``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import json
 from pipeline.config import PreprocessConfig, TrainConfig, load_config
 
 SCHEMAS = {"train": TrainConfig, "preprocess": PreprocessConfig}
+
+
+class UsageError(Exception):
+    """Bad usage; the command prints the message as one line and exits 2 (like a :class:`ConfigError`)."""
 
 
 def config_validate(args: argparse.Namespace) -> int:
@@ -62,8 +67,8 @@ def generate(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from pipeline import generate as gen
-    from pipeline.cli import UsageError
+    from pipeline.components import load_bundle
+    from pipeline.generate import write_wav
 
     if (args.prompt is None) == (args.prompts is None):
         raise UsageError("give either a prompt or --prompts FILE")
@@ -72,14 +77,14 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError("--seconds: must be positive")
     if not _model_exists(args.model):
         raise UsageError(f"model: {args.model} not found")
-    bundle = gen.load(args.model)
+    bundle = load_bundle(args.model)
     outputs = []
     for i, prompt in enumerate(prompts):
         (audio,) = bundle.generate(
             [prompt], args.seconds, args.seconds_start, args.steps, args.cfg, args.seed, args.sampler
         )
         path = args.output if args.prompts is None else str(Path(args.output) / f"{i:03d}.wav")
-        gen.write_wav(path, audio, bundle.sample_rate)
+        write_wav(path, audio, bundle.sample_rate)
         outputs.append({"prompt": prompt, "seconds": args.seconds, "path": path})
         print(f"wrote {path} ({args.seconds:g} s)", file=sys.stderr)
     print(json.dumps(outputs, indent=2))

@@ -442,7 +442,7 @@ def _columns(piece: Piece) -> dict:
 def data_demo(args: argparse.Namespace) -> int:
     """`longplay data demo OUT [--minutes N]`: build the dataset and print a summary. 1 if nothing rendered."""
     if not args.minutes > 0:
-        from pipeline.cli import UsageError  # exits 2 with this one line
+        from pipeline.commands import UsageError  # exits 2 with this one line
 
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     missing = require_tools()

@@ -88,7 +88,7 @@ def test_runbook_commands_exist():
     import re
     import shlex
 
-    from pipeline.cli import build_parser, parse_args
+    from infra.cli import build_parser, parse_args
 
     parser = build_parser()
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)

@@ -102,7 +102,7 @@ def test_ray_files_live_in_a_private_folder(local_stack):
 
 def test_status_command_reports_healthy(local_stack):
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "stack", "status", "--state-dir", str(local_stack.state_dir)],
+        [sys.executable, "-m", "infra.cli", "stack", "status", "--state-dir", str(local_stack.state_dir)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -27,14 +27,14 @@ def test_entrypoint_and_runtime_env_carry_no_secret():
 
 
 def test_submit_runs_a_command_and_jobs_reads_it_back(local_stack):
-    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--", "longplay", "config", "validate", "train"]
+    cmd = [sys.executable, "-m", "infra.cli", "submit", "--", "longplay", "config", "validate", "train"]
     cmd += ["configs/tiny/clap.yaml", "run.max_steps=3"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"max_steps": 3' in out.stdout
     job_id = out.stderr.split("submitted job ", 1)[1].split()[0]
     status = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "jobs", "status", job_id], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "infra.cli", "jobs", "status", job_id], capture_output=True, text=True, timeout=60
     )
     assert status.stdout.strip() == "SUCCEEDED"
     from pipeline import cluster
@@ -44,7 +44,7 @@ def test_submit_runs_a_command_and_jobs_reads_it_back(local_stack):
 
 
 def test_a_failing_command_fails_the_submit(local_stack):
-    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--", "longplay", "config", "validate", "train"]
+    cmd = [sys.executable, "-m", "infra.cli", "submit", "--", "longplay", "config", "validate", "train"]
     cmd += ["configs/tiny/clap.yaml", "run.max_stepz=3"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 1

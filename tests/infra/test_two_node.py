@@ -43,7 +43,7 @@ class Submit:
 
     def __init__(self, logs: Path, *argv: str):
         self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
-        cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--", "longplay", *argv]
+        cmd = [sys.executable, "-m", "infra.cli", "submit", "--", "longplay", *argv]
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
 
@@ -162,7 +162,7 @@ def two_nodes(local_stack):
     client = cluster.job_client()
     state, address = _state(client)
     state_dir = ["--state-dir", str(local_stack.state_dir)]
-    cli = [sys.executable, "-m", "pipeline.cli", "stack"]
+    cli = [sys.executable, "-m", "infra.cli", "stack"]
     try:
         joined = subprocess.run([*cli, "join", *state_dir, "--num-cpus", "1"], capture_output=True, text=True, cwd=REPO)
         assert joined.returncode == 0, joined.stderr[-2000:]

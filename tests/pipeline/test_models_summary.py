@@ -17,7 +17,7 @@ PAPER = {
 @pytest.mark.parametrize("preset", ["sa1", "sa-open"])
 def test_summary_matches_the_published_sizes(preset):
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "models", "summary", preset, "--json"],
+        [sys.executable, "-m", "infra.cli", "models", "summary", preset, "--json"],
         capture_output=True,
         text=True,
         timeout=120,

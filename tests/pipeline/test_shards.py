@@ -69,9 +69,7 @@ def test_index_verify_inspect(tmp_path):
     assert shards.read_errors(out) == [{"source_uri": "/data/bad.wav", "reason": "decode: not audio"}]
     report = shards.verify(out)
     assert report.ok and report.samples == 6
-    cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "shards", "verify", out], capture_output=True, text=True
-    )
+    cli = subprocess.run([sys.executable, "-m", "infra.cli", "shards", "verify", out], capture_output=True, text=True)
     assert cli.returncode == 0 and json.loads(cli.stdout) == {"ok": True, "shards": 2, "samples": 6}
 
 
@@ -84,9 +82,7 @@ def test_verify_catches_a_flipped_byte(tmp_path):
     storage.write_bytes(path, bytes(data))
     report = shards.verify(out)
     assert not report.ok and any(stats[1].name in p for p in report.problems)
-    cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "shards", "verify", out], capture_output=True, text=True
-    )
+    cli = subprocess.run([sys.executable, "-m", "infra.cli", "shards", "verify", out], capture_output=True, text=True)
     assert cli.returncode == 1
 
 

@@ -134,4 +134,4 @@ def upload_dir(local: Path, prefix: str) -> None:
 
 def longplay_argv(*args: str) -> list[str]:
     """argv running ``longplay ARGS`` in a fresh interpreter."""
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "infra.cli", *args]

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 from preprocess_fixtures import write_clips
 
-from pipeline import cli, shards, storage
+from infra import cli
+from pipeline import shards, storage
 from pipeline.config import ConfigError, PreprocessConfig
 from preprocess import job, sources, worker
 from preprocess.encode import resolve_vae

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from preprocess_fixtures import SR44, longplay_argv, upload_dir, write_clips, write_mixed_inputs
 
-from infra import stack
-from pipeline import cli, cluster, shards, storage
+from infra import cli, stack
+from pipeline import cluster, shards, storage
 from pipeline.config import PreprocessConfig
 from preprocess import job
 
@@ -199,7 +199,7 @@ def test_shards_read_back_with_plain_webdataset_and_verify(mixed, local_stack):
         count += 1
     assert count == mixed["summary"]["samples"]
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "shards", "verify", out],
+        [sys.executable, "-m", "infra.cli", "shards", "verify", out],
         capture_output=True,
         text=True,
         env=os.environ | local_stack.env,
