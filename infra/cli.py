@@ -341,7 +341,4 @@ def jobs(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so exception classes are the ones handlers raise (not __main__'s copies).
-    from infra.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,10 +1,10 @@
-"""longplay's shared library: configs, storage, shard format, models, diffusion, tracking, generation, CLI."""
+"""longplay's shared library: configs, storage, shard format, models, diffusion, components, tracking, generation."""
 
 from __future__ import annotations
 
 
 def load(uri: str):
     """A trained bundle (local dir, s3:// prefix or ``models:/name@alias``) with ``.generate(prompts, seconds)``."""
-    from pipeline.generate import load as load_bundle
+    from pipeline.components import load_bundle
 
     return load_bundle(uri)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig
-from pipeline.weights import detect_format, load_state_dict_file, read_safetensors_metadata
+from pipeline.weights.formats import detect_format, load_state_dict_file, read_safetensors_metadata
 
 CLASS_NAME = "longplay.Autoencoder"  # config.json marker of our export
 WEIGHTS_FILE = "model.safetensors"
