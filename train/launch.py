@@ -80,19 +80,18 @@ def _report(metrics: dict[str, Any], directory: Path | None) -> None:
 
 def storage_location(uri: str) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` for RunConfig: local paths as they are; s3:// through pyarrow pointed at
-    ``AWS_ENDPOINT_URL`` when set (credentials stay in the environment: pyarrow reads the standard variables)."""
+    ``AWS_ENDPOINT_URL`` when set (credentials stay in the environment: pyarrow reads the standard variables), with
+    retries that survive Ray's pickling (see :mod:`train.checkpoint_fs`)."""
     if not storage.is_s3(uri):
         return str(Path(uri).resolve()), None
-    from pyarrow import fs
+    from train.checkpoint_fs import s3_filesystem
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     if not endpoint:
-        return uri, fs.S3FileSystem(region=region)
+        return uri.removeprefix("s3://"), s3_filesystem(region)
     parsed = urlparse(endpoint)
-    filesystem = fs.S3FileSystem(
-        endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https", region=region
-    )
+    filesystem = s3_filesystem(region, endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
     return uri.removeprefix("s3://"), filesystem
 
 
