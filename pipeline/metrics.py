@@ -11,6 +11,7 @@ turn audio into numbers are pluggable (:class:`FrameEmbedder`, :class:`Classifie
            -> softmax -> KL(reference || generated) per caption id -> mean over ids
     CLAP   file -> peak -1 dBFS -> audio embedding; prompt -> text embedding; cosine similarity -> mean over pairs
     timing file -> 100 ms frames -> last frame with RMS above peak - 40 dB -> its end vs the requested seconds_total
+           (the measure on arrays is pipeline.timing)
 
 Audio arrays are float32 (C, N): channels first, N samples, as everywhere in longplay.
 """
@@ -23,7 +24,6 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -32,6 +32,9 @@ import soxr
 from scipy import linalg
 from scipy.special import softmax, xlogy
 
+from pipeline.timing import TimingAccuracy, timing_summary
+from pipeline.timing import nonsilent_seconds as nonsilent_seconds  # re-exported: the loops measure arrays with it
+
 log = logging.getLogger(__name__)
 
 AudioInput = str | os.PathLike | tuple[np.ndarray, int]  # a sound file, or (audio (C, N) float32, sample rate Hz)
@@ -39,8 +42,6 @@ AudioInput = str | os.PathLike | tuple[np.ndarray, int]  # a sound file, or (aud
 PEAK_DBFS = -1.0  # every file is peak-normalised to this level before any embedder sees it (stable-audio-metrics)
 KL_WINDOW_SECONDS = 10.0  # PaSST's training input length
 KL_HOP_SECONDS = 5.0  # 10 s windows with 5 s overlap
-TIMING_FRAME_SECONDS = 0.1
-TIMING_THRESHOLD_DB = -40.0  # relative to the file's peak sample
 
 # The embedders of the published table; only these names may be reported as FD_openl3, KL_passt, CLAP_LAION.
 PAPER_EMBEDDERS: dict[str, str] = {
@@ -307,40 +308,6 @@ def matched_and_shuffled(text: np.ndarray, audio: np.ndarray) -> tuple[float, fl
 # Timing accuracy (ours)
 
 
-def nonsilent_seconds(
-    audio: np.ndarray,
-    sample_rate: int,
-    frame_seconds: float = TIMING_FRAME_SECONDS,
-    threshold_db: float = TIMING_THRESHOLD_DB,
-) -> float:
-    """End (s) of the last frame whose RMS is above ``threshold_db`` relative to the file's peak sample.
-
-    audio (C, N): RMS pools all channels of a frame. Frames tile the file from 0 (the last may be short); a
-    silent file gives 0.0. The result is capped at the file's length.
-    """
-    audio = np.asarray(audio, dtype=np.float64)
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    if peak == 0.0:
-        return 0.0
-    hop = max(1, round(frame_seconds * sample_rate))
-    n = audio.shape[-1]
-    starts = np.arange(0, n, hop)
-    energy = np.add.reduceat((audio**2).sum(axis=0), starts)  # (frames,) summed over channels and samples
-    counts = np.diff(np.append(starts, n)) * audio.shape[0]
-    rms = np.sqrt(energy / counts)
-    loud = np.flatnonzero(rms > peak * 10.0 ** (threshold_db / 20.0))
-    return 0.0 if loud.size == 0 else min((loud[-1] + 1) * hop, n) / sample_rate
-
-
-@dataclass
-class TimingAccuracy:
-    median_abs_error_s: float  # median over files of |non-silent seconds - requested seconds_total|
-    within_tolerance: float  # share of files (0..1) whose error is at most tolerance_s
-    tolerance_s: float  # 1 s
-    count: int  # files measured
-    per_file: list[dict] = field(default_factory=list)  # requested_s, nonsilent_s, abs_error_s per file
-
-
 def timing_accuracy(
     outputs: Sequence[AudioInput], seconds_total: Sequence[float], tolerance_s: float = 1.0
 ) -> TimingAccuracy:
@@ -352,26 +319,6 @@ def timing_accuracy(
     if len(outputs) != len(seconds_total) or not outputs:
         raise ValueError(f"need one requested length per output (>= 1), got {len(seconds_total)} and {len(outputs)}")
     return timing_summary([nonsilent_seconds(*load_audio(item)) for item in outputs], seconds_total, tolerance_s)
-
-
-def timing_summary(
-    nonsilent_s: Sequence[float], seconds_total: Sequence[float], tolerance_s: float = 1.0
-) -> TimingAccuracy:
-    """:class:`TimingAccuracy` from measured non-silent lengths (see :func:`nonsilent_seconds`) and requests."""
-    if len(nonsilent_s) != len(seconds_total) or not nonsilent_s:
-        raise ValueError(f"need one requested length per measurement, got {len(seconds_total)} and {len(nonsilent_s)}")
-    rows = [
-        {"requested_s": float(requested), "nonsilent_s": float(measured), "abs_error_s": abs(measured - requested)}
-        for measured, requested in zip(nonsilent_s, seconds_total, strict=True)
-    ]
-    errors = np.array([r["abs_error_s"] for r in rows])
-    return TimingAccuracy(
-        median_abs_error_s=float(np.median(errors)),
-        within_tolerance=float(np.mean(errors <= tolerance_s)),
-        tolerance_s=tolerance_s,
-        count=len(rows),
-        per_file=rows,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,9 +369,6 @@ class MetricsReport:
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=json_default)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
 
 def json_default(value: object) -> object:

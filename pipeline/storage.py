@@ -8,7 +8,8 @@ Guarantees:
 - writes are atomic: a reader sees the old object or the whole new one, never a prefix (temp file + rename
   locally; a single PUT, or a multipart upload that only becomes visible when completed, on S3);
 - transient failures (throttling, 5xx, refused or dropped connections, e.g. a server restart) are retried
-  with exponential backoff for up to ``RETRY_SECONDS``; auth failures raise :class:`StorageAuthError` at once.
+  with exponential backoff for up to ``RETRY_SECONDS``; auth failures raise :class:`StorageAuthError` at once
+  (the S3 client and that policy are :mod:`pipeline.s3`).
 """
 
 from __future__ import annotations
@@ -17,47 +18,21 @@ import contextlib
 import io
 import logging
 import os
-import random
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 from urllib.parse import urlparse
+
+from pipeline.s3 import RETRY_SECONDS as RETRY_SECONDS  # re-exported: callers know one storage module
+from pipeline.s3 import StorageAuthError as StorageAuthError
+from pipeline.s3 import StorageError, classify, retry, s3_client
 
 log = logging.getLogger(__name__)
 
-RETRY_SECONDS = 90.0  # long enough to ride out a restart of the S3 server
 MULTIPART_THRESHOLD = 16 * 1024 * 1024  # bytes; larger uploads go multipart
 MULTIPART_CHUNK = 8 * 1024 * 1024
-
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
-    "502",
-    "504",
-    "ConditionalRequestConflict",  # 409: a conditional write raced another write of the key; AWS says retry
-}
-_AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "ExpiredToken", "InvalidToken"}
-
-T = TypeVar("T")
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed for good (after retries, or for a non-transient reason)."""
-
-
-class StorageAuthError(StorageError):
-    """The object store rejected our credentials; the message names the variables to check, never a secret."""
 
 
 # ----------------------------------------------------------------------------------------------- URIs
@@ -81,100 +56,6 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-# ----------------------------------------------------------------------------------------------- S3 client
-_clients: dict[tuple, object] = {}
-_clients_lock = threading.Lock()
-
-
-def _env_key() -> tuple:
-    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
-    return (os.getpid(), *(os.environ.get(n) for n in names))
-
-
-def s3_client():
-    """A boto3 S3 client for the current environment (cached per process and per credential set)."""
-    key = _env_key()
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            # botocore's own retries are kept short: our wrapper owns the long backoff so that a
-            # restart of the server is survived by every operation the same way.
-            cfg = Config(
-                retries={"max_attempts": 2, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-                s3={"addressing_style": "path"},
-                signature_version="s3v4",
-            )
-            client = boto3.session.Session().client("s3", config=cfg)
-            _clients[key] = client
-    return client
-
-
-def _classify(exc: BaseException) -> str:
-    """'auth', 'missing', 'transient' or 'fatal'."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        EndpointConnectionError,
-        IncompleteReadError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return "auth"
-    dropped = ResponseStreamingError | IncompleteReadError  # a body that broke off halfway: read it again
-    if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError | BotoConnectionError):
-        return "transient"
-    if isinstance(exc, dropped):
-        return "transient"
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _AUTH_CODES or status == 403:
-            return "auth"
-        if code in {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}:
-            return "missing"
-        if code in _TRANSIENT_CODES or status >= 500:
-            return "transient"
-        return "fatal"
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return "transient"
-    return "fatal"
-
-
-def _retry(what: str, fn: Callable[[], T], deadline_s: float = RETRY_SECONDS) -> T:
-    """Run ``fn`` retrying transient S3 failures with exponential backoff and jitter until ``deadline_s``."""
-    start, attempt = time.monotonic(), 0
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            kind = _classify(exc)
-            if kind == "missing":
-                raise FileNotFoundError(what) from exc
-            if kind == "auth":
-                code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-                raise StorageAuthError(
-                    f"{what}: the object store rejected the credentials ({code}); "
-                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL"
-                ) from None
-            elapsed = time.monotonic() - start
-            if kind != "transient" or elapsed > deadline_s:
-                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
-            attempt += 1
-            pause = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
-            log.warning("%s: transient %s, retry %d in %.1fs", what, type(exc).__name__, attempt, pause)
-            time.sleep(pause)
-
-
 # ----------------------------------------------------------------------------------------------- operations
 def read_bytes(uri: str | os.PathLike) -> bytes:
     """The whole object/file. Raises FileNotFoundError if it does not exist."""
@@ -182,7 +63,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = split_s3(uri)
-    return _retry(f"read {uri}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    return retry(f"read {uri}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
 def read_text(uri: str | os.PathLike) -> str:
@@ -222,7 +103,7 @@ class _ResumingS3Reader(io.RawIOBase):
             extra = {"Range": f"bytes={self.position}-", "IfMatch": self.etag} if self.position else {}
             return s3_client().get_object(Bucket=self.bucket, Key=self.key, **extra)
 
-        response = _retry(f"open {self.uri}" + (f" at byte {self.position}" if self.position else ""), get)
+        response = retry(f"open {self.uri}" + (f" at byte {self.position}" if self.position else ""), get)
         self.etag = self.etag or response.get("ETag")
         return response["Body"]
 
@@ -237,7 +118,7 @@ class _ResumingS3Reader(io.RawIOBase):
                 break
             except Exception as exc:
                 fails += 1
-                if _classify(exc) != "transient" or fails > self.MAX_RESUMES:
+                if classify(exc) != "transient" or fails > self.MAX_RESUMES:
                     raise StorageError(f"read {self.uri} at byte {self.position}: {type(exc).__name__}: {exc}") from exc
                 log.warning("read %s broke off at byte %d (%s); resuming", self.uri, self.position, type(exc).__name__)
                 with contextlib.suppress(Exception):
@@ -293,7 +174,7 @@ def create_text(uri: str | os.PathLike, text: str) -> bool:
             Path(tmp).unlink(missing_ok=True)
     bucket, key = split_s3(uri)
     try:
-        _retry(f"create {uri}", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
+        retry(f"create {uri}", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
         return True
     except StorageError as exc:
         response = getattr(exc.__cause__, "response", {})
@@ -351,7 +232,7 @@ def _write(uri: str, opener: Callable[[], IO[bytes]]) -> None:
         with opener() as src:  # an incomplete multipart upload is aborted by boto3 before it raises
             s3_client().upload_fileobj(src, bucket, key, Config=transfer)
 
-    _retry(f"write {uri}", upload)
+    retry(f"write {uri}", upload)
 
 
 def exists(uri: str | os.PathLike) -> bool:
@@ -360,7 +241,7 @@ def exists(uri: str | os.PathLike) -> bool:
         return Path(uri).exists()
     bucket, key = split_s3(uri)
     try:
-        _retry(f"stat {uri}", lambda: s3_client().head_object(Bucket=bucket, Key=key))
+        retry(f"stat {uri}", lambda: s3_client().head_object(Bucket=bucket, Key=key))
         return True
     except FileNotFoundError:
         return False
@@ -371,7 +252,7 @@ def size(uri: str | os.PathLike) -> int:
     if not is_s3(uri):
         return Path(uri).stat().st_size
     bucket, key = split_s3(uri)
-    return int(_retry(f"stat {uri}", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
+    return int(retry(f"stat {uri}", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
 
 
 def list_uris(prefix: str | os.PathLike, recursive: bool = True) -> Iterator[str]:
@@ -396,7 +277,7 @@ def list_uris(prefix: str | os.PathLike, recursive: bool = True) -> Iterator[str
             kwargs["Delimiter"] = "/"
         if token:
             kwargs["ContinuationToken"] = token
-        page = _retry(f"list {prefix}", lambda kw=kwargs: s3_client().list_objects_v2(**kw))
+        page = retry(f"list {prefix}", lambda kw=kwargs: s3_client().list_objects_v2(**kw))
         for obj in page.get("Contents", []):
             yield f"s3://{bucket}/{obj['Key']}"
         if not page.get("IsTruncated"):
@@ -411,7 +292,7 @@ def delete(uri: str | os.PathLike) -> None:
         Path(uri).unlink(missing_ok=True)
         return
     bucket, key = split_s3(uri)
-    _retry(f"delete {uri}", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+    retry(f"delete {uri}", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
 
 
 def delete_prefix(prefix: str | os.PathLike) -> int:
@@ -425,18 +306,8 @@ def delete_prefix(prefix: str | os.PathLike) -> int:
     keys = [split_s3(u)[1] for u in list_uris(prefix)]
     for i in range(0, len(keys), 1000):
         batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-        _retry(f"delete {prefix}", lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
+        retry(f"delete {prefix}", lambda b=batch: s3_client().delete_objects(Bucket=bucket, Delete=b))
     return len(keys)
-
-
-def ensure_bucket(uri: str) -> None:
-    """Create the bucket of an s3:// URI if it does not exist (for local stacks and tests)."""
-    bucket, _ = split_s3(uri)
-    client = s3_client()
-    try:
-        _retry(f"head bucket {bucket}", lambda: client.head_bucket(Bucket=bucket))
-    except FileNotFoundError:
-        _retry(f"create bucket {bucket}", lambda: client.create_bucket(Bucket=bucket))
 
 
 # ----------------------------------------------------------------------------------------------- WebDataset

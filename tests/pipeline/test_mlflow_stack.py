@@ -64,3 +64,26 @@ def test_run_keys_and_model_names_with_quotes_are_found(local_stack, quoted):
         assert tracking.resolve_model_source(f"models:/{name}@latest").endswith("/model")
     finally:
         again.end()
+
+
+def test_experiments_are_tagged_as_model_training(local_stack):
+    """MLflow 3 opens an untagged experiment as GenAI (traces, runs under "Evaluations"); ours open on runs and
+    charts. A kind someone set on an experiment since is left as it is."""
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri(local_stack.env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    name = f"test-kind-{uuid.uuid4().hex[:6]}"
+    tracker = tracking.Tracker(enabled=True)
+    tracker.start(name, "run", system_metrics=False)
+    tracker.end()
+    experiment = client.get_experiment_by_name(name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    client.set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", "genai_development")
+    again = tracking.Tracker(enabled=True)
+    again.start(name, "run 2", system_metrics=False)
+    again.end()
+    assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "genai_development"

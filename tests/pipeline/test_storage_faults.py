@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError, ResponseStreamingError
 
-from pipeline import storage
+from pipeline import s3, storage
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
@@ -60,7 +60,7 @@ def test_a_body_that_breaks_off_is_resumed_where_it_stopped(monkeypatch):
     ResponseStreamingError reached the tar reader and the training worker died)."""
     client = _Client([300_000, 700_001, None])
     monkeypatch.setattr(storage, "s3_client", lambda: client)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
     with storage.open_read("s3://b/shard.tar") as stream:
         assert stream.read() == DATA
     assert client.calls == [(None, None), ("bytes=300000-", '"v1"'), ("bytes=700001-", '"v1"')]
@@ -69,14 +69,14 @@ def test_a_body_that_breaks_off_is_resumed_where_it_stopped(monkeypatch):
 def test_read_bytes_retries_a_body_that_breaks_off(monkeypatch):
     client = _Client([5000, None])
     monkeypatch.setattr(storage, "s3_client", lambda: client)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
     assert storage.read_bytes("s3://b/k") == DATA
 
 
 def test_an_object_replaced_while_read_is_not_spliced(monkeypatch):
     client = _Client([1000, None])
     monkeypatch.setattr(storage, "s3_client", lambda: client)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
     stream = storage.open_read("s3://b/k")
     client.etag = '"v2"'  # someone wrote a new version
     with pytest.raises(storage.StorageError, match="at byte 1000"):
