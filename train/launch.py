@@ -98,9 +98,10 @@ def storage_location(uri: str) -> tuple[str, Any]:
 def trainer(cfg: TrainConfig):
     """The TorchTrainer for ``cfg`` (not started)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from train.engine import worker_env
+    from train.rendezvous import RendezvousConfig
 
     storage_path, filesystem = storage_location(cfg.run.checkpoint_uri)
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
@@ -109,7 +110,7 @@ def trainer(cfg: TrainConfig):
     return TorchTrainer(
         worker_main,
         train_loop_config={"train": cfg.model_dump(mode="json")},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=RendezvousConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),  # loopback stays loopback
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
