@@ -53,15 +53,17 @@ class _Loaded:
 
 @dataclass
 class _Piece:
-    """One sample to be: a segment of an input, original (copy 0) or augmented."""
+    """One sample to be: a segment of an input, original (copy 0) or augmented, and once encoded what it became."""
 
-    input_index: int
+    source: _Loaded  # the input it was cut from (a later error there, e.g. NaN latents, drops the piece)
     segment: int
     copy: int
     offset_seconds: float
     audio: np.ndarray | None  # (2, n) float32 @ 44.1 kHz; dropped once encoded
     augmentation: dict[str, Any] | None
     samples: int = 0  # n
+    latents: np.ndarray | None = None  # (C, T) float16, with a VAE
+    flac: bytes | None = None  # audio shards (--vae none)
 
     def __post_init__(self) -> None:
         self.samples = self.audio.shape[-1]
@@ -119,16 +121,14 @@ class ShardWorker:
     def process(self, plan: ShardPlan) -> ShardResult:
         if shards.is_done(self.out, plan.name):  # a retry racing a finished attempt: never write a shard twice
             return ShardResult(shards.read_stats(self.out, plan.name), len(plan.inputs), 0.0, skipped=True)
-        loaded: dict[int, _Loaded] = {}
-        latents: dict[tuple[int, int, int], np.ndarray] = {}
-        flacs: dict[tuple[int, int, int], bytes] = {}
-        pieces: list[_Piece] = []
-        pending: list[_Piece] = []
-        for i, item in enumerate(self._prefetch(plan.inputs)):
-            loaded[i] = item
+        loaded: list[_Loaded] = []  # every input, in plan order
+        pieces: list[_Piece] = []  # every piece, in sample order; pieces[encoded:] wait for a full batch
+        encoded = 0
+        for item in self._prefetch(plan.inputs):
+            loaded.append(item)
             if item.error is None:
                 try:
-                    new = self._pieces(i, item)
+                    new = self._pieces(item)
                 except audio.AudioError as exc:
                     item.error = exc.reason
                     continue
@@ -136,21 +136,15 @@ class ShardWorker:
                     item.error = "empty: no samples"
                     continue
                 pieces += new
-                pending += new
-                if len(pending) >= self.cfg.batch_size:
-                    self._encode(pending, loaded, latents, flacs)
-                    pending = []
-        self._encode(pending, loaded, latents, flacs)
+                if len(pieces) - encoded >= self.cfg.batch_size:
+                    self._encode(pieces[encoded:])
+                    encoded = len(pieces)
+        self._encode(pieces[encoded:])
 
-        samples, errors, seconds = [], [], 0.0
-        for _, item in sorted(loaded.items()):
-            if item.error is not None:
-                errors.append({"source_uri": item.item.uri, "reason": item.error})
-        for piece in pieces:
-            item = loaded[piece.input_index]
-            if item.error is None:
-                samples.append(self._sample(item, piece, latents, flacs))
-                seconds += piece.samples / audio.SAMPLE_RATE
+        errors = [{"source_uri": item.item.uri, "reason": item.error} for item in loaded if item.error is not None]
+        kept = [piece for piece in pieces if piece.source.error is None]
+        samples = [self._sample(piece) for piece in kept]
+        seconds = sum(piece.samples / audio.SAMPLE_RATE for piece in kept)
         stats = shards.write_shard(self.out, plan.name, samples, errors)
         return ShardResult(stats, len(plan.inputs), seconds)
 
@@ -164,12 +158,12 @@ class ShardWorker:
             for future in futures:
                 yield future.result()
 
-    def _pieces(self, index: int, item: _Loaded) -> list[_Piece]:
+    def _pieces(self, item: _Loaded) -> list[_Piece]:
         """The segments of one input, then each augmented copy of them: input order, segment, copy."""
         segments = audio.segments(item.decoded.audio, self.cfg.max_seconds)
         out = []
         for seg in segments:
-            out.append(_Piece(index, seg.index, 0, seg.offset_seconds, seg.audio, None))
+            out.append(_Piece(item, seg.index, 0, seg.offset_seconds, seg.audio, None))
             for copy in range(1, self.copies + 1):
                 seed = augment.copy_seed(self.cfg.augment.seed, item.sha256, copy)
                 try:
@@ -179,28 +173,28 @@ class ShardWorker:
                 if not np.isfinite(augmented).all():
                     raise audio.AudioError(f"augment: copy {copy} produced NaN or inf")
                 record = augment.record(seed, copy, applied)
-                out.append(_Piece(index, seg.index, copy, seg.offset_seconds, augmented, record))
+                out.append(_Piece(item, seg.index, copy, seg.offset_seconds, augmented, record))
         item.decoded.audio = None  # the pieces hold what is still needed
         return out
 
-    def _encode(self, pending: list[_Piece], loaded: dict[int, _Loaded], latents: dict, flacs: dict) -> None:
+    def _encode(self, pending: list[_Piece]) -> None:
+        """Each piece's latents (or FLAC for audio shards) onto the piece; its audio is dropped."""
         if not pending:
             return
         if self.model is None:
             for p in pending:
-                flacs[(p.input_index, p.segment, p.copy)] = audio.flac_bytes(p.audio)
-                p.audio = None
+                p.flac, p.audio = audio.flac_bytes(p.audio), None
             return
         encoded = encode(
             self.model, [p.audio for p in pending], self.cfg.batch_size, self.cfg.chunk_seconds, self.device
         )
         for p, z in zip(pending, encoded, strict=True):
             if not np.isfinite(z).all():
-                loaded[p.input_index].error = "nonfinite: the VAE produced NaN or inf latents (float16 overflow?)"
-            latents[(p.input_index, p.segment, p.copy)] = z
-            p.audio = None
+                p.source.error = "nonfinite: the VAE produced NaN or inf latents (float16 overflow?)"
+            p.latents, p.audio = z, None
 
-    def _sample(self, item: _Loaded, piece: _Piece, latents: dict, flacs: dict) -> shards.Sample:
+    def _sample(self, piece: _Piece) -> shards.Sample:
+        item = piece.source
         key = f"{item.item.key}_{piece.segment:04d}" + (f"_a{piece.copy}" if piece.copy else "")
         meta = {
             "caption": item.caption,
@@ -215,7 +209,6 @@ class ShardWorker:
             "vae_id": self.vae.vae_id,
             "meta": item.meta,
         }
-        where = (piece.input_index, piece.segment, piece.copy)
         if self.model is None:
-            return shards.Sample(key=key, meta=meta, flac=flacs[where])
-        return shards.Sample(key=key, meta=meta, latents=latents[where])
+            return shards.Sample(key=key, meta=meta, flac=piece.flac)
+        return shards.Sample(key=key, meta=meta, latents=piece.latents)
