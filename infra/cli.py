@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from infra import stack
+from infra import raynode, stack
 from pipeline import commands
 from pipeline.commands import UsageError
 from pipeline.config import ConfigError
@@ -282,7 +282,7 @@ def stack_status(args: argparse.Namespace) -> int:
     }
     for name, ok in health.items():
         print(f"{name:8s} {'healthy' if ok else 'DOWN':8s} {urls[name]}")
-    nodes = stack.node_health(state_dir)
+    nodes = raynode.node_health(state_dir)
     for name, ok in nodes.items():
         print(f"{name:8s} {'healthy' if ok else 'DOWN':8s} Ray node joined to the head")
     return 0 if all(health.values()) and all(nodes.values()) else 1
@@ -291,7 +291,7 @@ def stack_status(args: argparse.Namespace) -> int:
 def stack_join(args: argparse.Namespace) -> int:
     """Start another Ray node on this machine, joined to the stack's head (a local two-node cluster)."""
     try:
-        name = stack.join(Path(args.state_dir), num_cpus=args.num_cpus)
+        name = raynode.join(Path(args.state_dir), num_cpus=args.num_cpus)
     except stack.StackError as err:
         print(f"longplay: stack join failed: {err}", file=sys.stderr)
         return 1
@@ -302,7 +302,7 @@ def stack_join(args: argparse.Namespace) -> int:
 def stack_leave(args: argparse.Namespace) -> int:
     """Stop a node ``stack join`` started (all of them without a name); the head and services stay up."""
     try:
-        stopped = stack.leave(Path(args.state_dir), args.name)
+        stopped = raynode.leave(Path(args.state_dir), args.name)
     except stack.StackError as err:
         print(f"longplay: stack leave failed: {err}", file=sys.stderr)
         return 1

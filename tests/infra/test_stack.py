@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from infra import stack
+from infra import raynode, stack, stackstate
 
 pytestmark = pytest.mark.stack
 
@@ -62,10 +62,10 @@ def test_up_is_idempotent_and_secrets_stay_private(local_stack):
 def test_ray_token_is_created_private(tmp_path, monkeypatch):
     """Issue 15 item 15: the token is 0600 from the moment Ray writes it, not only after our chmod (before: 0644)."""
     monkeypatch.setenv("HOME", str(tmp_path))  # Path.home() here, ~ for the ray CLI
-    monkeypatch.setattr(stack.os, "chmod", lambda *args: None)  # see the mode Ray's own write left
+    monkeypatch.setattr(stackstate.os, "chmod", lambda *args: None)  # see the mode Ray's own write left
     umask = os.umask(0o022)  # the usual default, under which the token used to be world-readable
     try:
-        stack._ensure_ray_token()
+        stackstate.ensure_ray_token()
     finally:
         os.umask(umask)
     token = tmp_path / ".ray" / "auth_token"
@@ -90,13 +90,13 @@ def test_ray_files_live_in_a_private_folder(local_stack):
     assert state.ray_temp_dir != predictable
     _private(state.ray_temp_dir)
     assert os.path.isdir(os.path.join(state.ray_temp_dir, "ray", "session_latest"))  # Ray's files are in there
-    name = stack.join(local_stack.state_dir, num_cpus=1)
+    name = raynode.join(local_stack.state_dir, num_cpus=1)
     try:
         node_dir = local_stack.state.nodes[name]["temp_dir"]
         _private(node_dir)
         assert os.path.isdir(os.path.join(node_dir, "ray")) and node_dir != state.ray_temp_dir
     finally:
-        stack.leave(local_stack.state_dir, name)
+        raynode.leave(local_stack.state_dir, name)
     assert not os.path.exists(node_dir)
 
 

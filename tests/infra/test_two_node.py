@@ -25,7 +25,7 @@ import psutil
 import pytest
 import soundfile as sf
 
-from infra import stack
+from infra import raynode, stack
 from pipeline import storage
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -251,5 +251,5 @@ def test_two_node_cluster_runs_preprocess_and_training_and_survives_losing_a_nod
 
 def test_join_needs_a_running_head(tmp_path):
     with pytest.raises(stack.StackError, match="stack up"):
-        stack.join(tmp_path / "no-stack")
-    assert stack.leave(tmp_path / "no-stack") == []
+        raynode.join(tmp_path / "no-stack")
+    assert raynode.leave(tmp_path / "no-stack") == []

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from infra import stack
+from infra import processes, stack
 from pipeline import storage
 
 pytestmark = pytest.mark.stack
@@ -136,7 +136,7 @@ def test_s3_restart_mid_sequence_is_survived_by_retries(local_stack):
         time.sleep(0.05)
     pgid = local_stack.state.pgids["s3"]
     os.killpg(pgid, 9)  # a hard crash, not a graceful stop
-    while stack._group_alive(pgid):
+    while processes.group_alive(pgid):
         time.sleep(0.05)
     time.sleep(2)  # writes keep failing (connection refused) while the server is down
     assert len(written) < 40

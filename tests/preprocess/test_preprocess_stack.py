@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from preprocess_fixtures import SR44, longplay_argv, upload_dir, write_clips, write_mixed_inputs
 
-from infra import cli, stack
+from infra import cli, processes, stack
 from pipeline import cluster, shards, storage
 from pipeline.config import PreprocessConfig
 from preprocess import job
@@ -284,7 +284,7 @@ def test_s3_restart_mid_upload_loses_nothing(clips, local_stack):
     done = _wait_for_markers(out, 1, thread)
     pgid = local_stack.state.pgids["s3"]
     os.killpg(pgid, signal.SIGKILL)  # a hard crash while shards are being read, encoded and uploaded
-    while stack._group_alive(pgid):
+    while processes.group_alive(pgid):
         time.sleep(0.05)
     time.sleep(1.0)
     assert thread.is_alive() and done < CLIPS // 2
