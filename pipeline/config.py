@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.diffusion import SAMPLERS
+from pipeline.models.presets import PRESETS
+
+# The names come from their registries (the sampler functions, the model preset tables); Literal keeps them in the
+# schema, so a wrong name fails when the config loads with the choices listed.
+PresetName = Literal[PRESETS]  # type: ignore[valid-type]
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -53,7 +61,9 @@ class ScalingSection(Section):
 
 class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO optimisation stage")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (fp16 is GPU-only)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training precision (fp16 needs scaling.use_gpu)"
+    )
     micro_batch: int = Field(4, ge=1, description="samples per rank per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip (0 = off)")
@@ -91,7 +101,7 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    preset: Literal["tiny", "sa1", "sa-open"] = Field("tiny", description="model size preset")
+    preset: PresetName = Field("tiny", description="model size preset")
     vae: str | None = Field(None, description="autoencoder URI (diffusion demo decode / VAE resume)")
     clap: str | None = Field(None, description="trained CLAP URI (diffusion conditioning)")
 
@@ -119,7 +129,9 @@ class TrainConfig(Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     ema: EmaSection = EmaSection()
     model: ModelSection = ModelSection()
-    cfg_dropout: float = Field(0.1, ge=0, le=1, description="diffusion: prob. of dropping text+timing")
+    cfg_dropout: float = Field(
+        0.1, ge=0, le=1, description="diffusion: prob. of dropping text+timing per sample (classifier-free guidance)"
+    )
     demo_prompts: list[str] = Field(default_factory=lambda: ["solo piano in C major"], description="demo prompts")
     demo_seconds: list[float] = Field(default_factory=lambda: [4.0, 8.0], description="demo lengths (s)")
     holdout_seconds: list[float] = Field(
@@ -127,6 +139,20 @@ class TrainConfig(Section):
         description="diffusion: lengths requested for the held-out captions (cycled) when timing is scored",
     )
     vae: VaeLossSection = VaeLossSection()
+
+    # Rules across sections: checked when the config loads, so `longplay train`, the demo and a Ray worker all see
+    # them. The message starts with the key (see _first_error_line).
+    @model_validator(mode="after")
+    def _diffusion_needs_a_clap(self) -> TrainConfig:
+        if self.kind == "diffusion" and not self.model.clap:
+            raise ValueError("model.clap: diffusion needs a trained CLAP (path, s3:// URI or models:/NAME@ALIAS)")
+        return self
+
+    @model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> TrainConfig:
+        if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision: fp16 needs scaling.use_gpu=true (use fp32 or bf16 on CPU)")
+        return self
 
 
 class AugmentSection(Section):
@@ -166,7 +192,7 @@ class EvaluateConfig(Section):
 
     steps: int = Field(50, ge=1, description="sampler steps")
     cfg_scale: float = Field(6.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale")
-    sampler: Literal["dpmpp-3m-sde", "dpmpp-2m", "euler"] = Field("dpmpp-3m-sde", description="sampler")
+    sampler: SamplerName = Field("dpmpp-3m-sde", description="sampler")
     seed: int = Field(0, ge=0, le=2**64 - 1, description="sampling seed (the same for every prompt)")
     seconds: float = Field(10.0, gt=0, allow_inf_nan=False, description="length for prompts that do not give their own")
     kl_direction: Literal["reference||generated", "generated||reference"] = Field(
@@ -208,14 +234,17 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 def _first_error_line(err: ValidationError) -> str:
     first = err.errors()[0]
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more)" if more else ""
+    if not first["loc"] and first["type"] == "value_error":
+        return f"{first['ctx']['error']}{suffix}"  # a rule across sections: its message starts with the key
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
         msg = "unknown key"
     elif kind == "missing":
         msg = "required key is missing"
-    more = len(err.errors()) - 1
-    return f"{key}: {msg}" + (f" (and {more} more)" if more else "")
+    return f"{key}: {msg}{suffix}"
 
 
 def load_config(schema: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:

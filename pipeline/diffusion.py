@@ -244,7 +244,9 @@ def sample_dpmpp_3m_sde(
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m-sde": sample_dpmpp_3m_sde}
+# The sampler registry: the config schema, `longplay generate` and the bundle read their names here; the first is the
+# default (Stable Audio's).
+SAMPLERS = {"dpmpp-3m-sde": sample_dpmpp_3m_sde, "dpmpp-2m": sample_dpmpp_2m, "euler": sample_euler}
 
 
 def sample(

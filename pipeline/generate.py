@@ -21,13 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.diffusion import sample
+from pipeline.diffusion import SAMPLERS, sample
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.clap import CLAP, build_clap
 from pipeline.models.conditioning import ConditionedDiffusionModel, build_diffusion_model, guided_model_fn
 from pipeline.text import CaptionTokenizer
-
-SAMPLERS = ("dpmpp-3m-sde", "dpmpp-2m", "euler")
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -70,6 +68,11 @@ class Bundle:
     def sample_rate(self) -> int:
         return self.autoencoder.sample_rate
 
+    @property
+    def device(self) -> torch.device:
+        """Where the diffusion model is (the VAE and CLAP are expected beside it); inputs are made there."""
+        return next(self.diffusion.parameters()).device
+
     @torch.no_grad()
     def generate(
         self,
@@ -107,19 +110,22 @@ class Bundle:
         rate = float(self.config["latent_rate"])
         window = max(1, round(float(self.config.get("window_seconds", seconds)) * rate))
         frames = max(window, math.ceil(seconds * rate))
-        ids, mask = self.tokenizer.encode_batch([prompt], max_length=self.clap.config.text.max_tokens)
-        tokens, token_mask = self.clap.text_conditioning(torch.from_numpy(ids), torch.from_numpy(mask))
+        max_length = self.clap.config.text.max_tokens
+        device = self.device
+        ids, mask = (torch.from_numpy(a).to(device) for a in self.tokenizer.encode_batch([prompt], max_length))
+        tokens, token_mask = self.clap.text_conditioning(ids, mask)
         model_fn = guided_model_fn(
             self.diffusion,
             tokens,
             token_mask,
-            torch.tensor([float(math.floor(seconds_start))]),
-            torch.tensor([float(math.ceil(seconds_start + seconds))]),  # the paper's ceil(duration)
+            torch.tensor([float(math.floor(seconds_start))], device=device),
+            torch.tensor([float(math.ceil(seconds_start + seconds))], device=device),  # the paper's ceil(duration)
             cfg_scale,
         )
-        latents = sample(model_fn, (1, self.autoencoder.latent_channels, frames), steps, sampler, seed=seed)
+        shape = (1, self.autoencoder.latent_channels, frames)
+        latents = sample(model_fn, shape, steps, sampler, seed=seed, device=device)
         audio = self.autoencoder.decode(latents).clamp(-1, 1)[0]  # (2, frames * downsampling)
-        return (audio[:, : round(seconds * self.sample_rate)] if trim else audio).float().numpy()
+        return (audio[:, : round(seconds * self.sample_rate)] if trim else audio).float().cpu().numpy()
 
 
 def _load_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:

@@ -21,10 +21,10 @@ from pipeline import shards as shard_format
 from pipeline.config import TrainConfig
 from pipeline.models.clap import CLAP, build_clap, info_nce, recall_at_k
 from pipeline.text import CaptionTokenizer, train_tokenizer
-from train import data
+from train import data, loop
 from train.components import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_vae, save_weights, vae_uri
 from train.engine import Engine
-from train.loop import RankContext, Task, run
+from train.loop import RankContext
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def holdout_recall(clap: CLAP, tokenizer: CaptionTokenizer, batch: dict[str, Any
     }
 
 
-def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task:
+def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
+    """Train CLAP to ``cfg.run.max_steps`` (resuming from the checkpoint dir ``restore``); export, register."""
     index = shard_format.read_index(cfg.data.shards)
     urls = shard_format.shard_uris(cfg.data.shards, cfg.data.split)
     if not urls:
@@ -101,31 +102,45 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         )
     engine = Engine(ClapEmbeddings(clap), cfg, ctx.rank, ctx.world_size)
     max_tokens = clap.config.text.max_tokens
-
-    batches = data.batches_from(cfg, urls, window, rate, pad, ctx.rank, ctx.world_size)
-
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, mask = encode_text(tokenizer, batch["caption"], max_tokens)
-        text, audio, scale = engine(ids, mask, batch["x"].to(engine.dtype), batch["mask"])
-        text = gather_with_local_grad(text, ctx.rank, ctx.world_size)
-        audio = gather_with_local_grad(audio, ctx.rank, ctx.world_size)
-        out = info_nce(text.float(), audio.float(), scale.float())
-        return out.loss * ctx.world_size, {"loss": float(out.loss.detach()), "logit_scale": float(scale.detach())}
-
     holdout = data.holdout(cfg, window, rate, pad)
 
-    def evaluate(step: int) -> dict[str, float]:
-        weights = engine.full_state_dict()  # collective under ZeRO-3: every rank calls it
-        if not ctx.is_main or holdout is None:
-            return {}
-        model = build_clap(cfg.model.preset, vocab_size=tokenizer.vocab_size)
-        model.load_state_dict({k.removeprefix("clap."): v for k, v in weights.items()})
-        return holdout_recall(model, tokenizer, holdout)
+    progress = loop.resume("clap", cfg, ctx, {"": engine}, restore)
+    batches = data.batches_from(cfg, urls, window, rate, pad, ctx.rank, ctx.world_size)(progress.step)
+    while progress.step < cfg.run.max_steps:
+        micro = 0
+        while micro < cfg.deepspeed.grad_accum:
+            batch = progress.next_batch(batches)
+            ids, text_mask = encode_text(tokenizer, batch["caption"], max_tokens)  # (B, L) each
+            batch = loop.to_device({**batch, "ids": ids, "text_mask": text_mask}, engine.device)
+            if progress.skip_nonfinite(batch["x"]):
+                continue
+            text, audio, scale = engine(batch["ids"], batch["text_mask"], batch["x"].to(engine.dtype), batch["mask"])
+            # The global batch: every rank scores its captions against all ranks' audio and the reverse.
+            text = gather_with_local_grad(text, ctx.rank, ctx.world_size)
+            audio = gather_with_local_grad(audio, ctx.rank, ctx.world_size)
+            out = info_nce(text.float(), audio.float(), scale.float())
+            loss = out.loss * ctx.world_size  # undoes DeepSpeed's mean over ranks: the global batch's gradient
+            if progress.skip_nonfinite(loss):
+                continue
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            metrics = {"loss": float(out.loss.detach()), "logit_scale": float(scale.detach())}  # loss before scaling
+            progress.add(loss, metrics, len(batch["x"]))
+        progress.step = engine.global_step
+        progress.log(engine)
+        if progress.due(cfg.run.checkpoint_every):
+            evaluation = None
+            if cfg.data.holdout_split:
+                weights = engine.full_state_dict()  # collective under ZeRO-3: every rank calls it
+                if ctx.is_main and holdout is not None:
+                    evaluation = holdout_recall(_clap(cfg, tokenizer, weights), tokenizer, holdout)
+            progress.checkpoint({"": engine}, evaluation, lambda directory: tokenizer.save(directory / TOKENIZER_FILE))
 
-    def write_extras(directory: Path) -> None:
+    weights = engine.export_state_dict()  # the EMA weights; collective: every rank
+
+    def write_export(directory: Path) -> None:
         tokenizer.save(directory / TOKENIZER_FILE)
-
-    def export(weights: dict[str, torch.Tensor], directory: Path) -> None:
         save_weights(weights, directory / WEIGHTS_FILE, prefix="clap.")
         config = {
             "kind": "clap",
@@ -136,21 +151,16 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
-    return Task(
-        name="clap",
-        engine=engine,
-        batches=batches,
-        loss_fn=loss_fn,
-        write_extras=write_extras,
-        export=export,
-        evaluate=evaluate if cfg.data.holdout_split else None,
-    )
+    progress.export(weights, write_export)
+    return progress.finish(engine)
+
+
+def _clap(cfg: TrainConfig, tokenizer: CaptionTokenizer, weights: dict[str, torch.Tensor]) -> CLAP:
+    model = build_clap(cfg.model.preset, vocab_size=tokenizer.vocab_size)
+    model.load_state_dict({k.removeprefix("clap."): v for k, v in weights.items()})
+    return model
 
 
 def _has_vae(cfg: TrainConfig, index: dict[str, Any]) -> bool:
     # CLAP masks padded frames, so the silence latent only matters for consistency; a missing VAE is not fatal.
     return bool(cfg.model.vae or index.get("vae_id"))
-
-
-def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
-    return run(build_task(cfg, ctx, restore), cfg, ctx, restore)

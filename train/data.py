@@ -108,9 +108,10 @@ def silence_latent(vae: torch.nn.Module, seconds: float = 1.0) -> np.ndarray:
     stretch of silence decodes from.
     """
     samples = int(seconds * vae.sample_rate)
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        z = vae.encode(torch.zeros(1, vae.cfg.audio_channels, samples))  # (1, C, T)
-    return z[0, :, z.shape[-1] // 2].float().numpy()
+        z = vae.encode(torch.zeros(1, vae.cfg.audio_channels, samples, device=device))  # (1, C, T)
+    return z[0, :, z.shape[-1] // 2].float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------- shard split

@@ -8,8 +8,9 @@ The loss covers the padding too: a file shorter than the window is followed by t
 learning to produce that silence after ``seconds_total`` is how the model learns to end on time (Stable Audio §3.3;
 a loss masked to the real frames never sees the end and fills the whole window).
 
-Every ``run.demo_every`` steps rank 0 samples each demo prompt at each ``demo_seconds`` value with the EMA weights,
-decodes with the frozen VAE, trims to the requested length (as generation does) and logs a wav and a spectrogram.
+Every ``run.demo_every`` steps rank 0 generates each demo prompt at each ``demo_seconds`` value with the EMA weights
+through :meth:`pipeline.generate.Bundle.generate` (the code of ``longplay generate``: sample, decode with the frozen
+VAE, trim to the request) and logs a wav and a spectrogram.
 With ``data.holdout_split`` set, every checkpoint also generates the held-out captions at ``holdout_seconds`` and
 logs timing error (raw window, as evaluation measures it) and the CLAP score of matched vs shuffled prompt/audio.
 """
@@ -29,17 +30,16 @@ import torch
 from pipeline import shards as shard_format
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, sample_t, v_loss
-from pipeline.generate import load_clap, write_wav
+from pipeline.generate import Bundle, load_clap, write_wav
 from pipeline.metrics import matched_and_shuffled, nonsilent_seconds
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.clap import CLAP
-from pipeline.models.conditioning import build_diffusion_model, guided_model_fn
+from pipeline.models.conditioning import ConditionedDiffusionModel, build_diffusion_model, guided_model_fn
 from pipeline.text import CaptionTokenizer
-from pipeline.tracking import Tracker
-from train import data
+from train import data, loop
 from train.components import CONFIG_FILE, WEIGHTS_FILE, copy_export, load_vae, save_weights, vae_uri
 from train.engine import Engine
-from train.loop import RankContext, Task, run
+from train.loop import RankContext
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,8 @@ DEMO_STEPS = 25  # sampler steps for demos: enough to hear the model, cheap next
 DEMO_CFG_SCALE = 6.0
 
 
-def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task:
-    if not cfg.model.clap:
-        raise ValueError("model.clap: a trained CLAP (path, s3:// or models:/NAME@ALIAS) is required for diffusion")
+def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
+    """Train the diffusion model to ``cfg.run.max_steps`` (resuming from ``restore``); export the whole bundle."""
     index = shard_format.read_index(cfg.data.shards)
     urls = shard_format.shard_uris(cfg.data.shards, cfg.data.split)
     if not urls:
@@ -61,45 +60,57 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         raise ValueError(f"model.vae: {vae.latent_channels}-ch latents, the shards have {index['latent_channels']}")
     silence = data.silence_latent(vae)
     try:
-        clap, tokenizer, _ = load_clap(cfg.model.clap)
+        clap, tokenizer, _ = load_clap(cfg.model.clap)  # the schema made sure model.clap is set
     except ValueError as err:  # not a CLAP export: name the config key
         raise ValueError(f"model.clap: {err}") from err
     max_tokens = clap.config.text.max_tokens
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = build_diffusion_model(cfg.model.preset)
-    engine = Engine(model, cfg, ctx.rank, ctx.world_size)
-
-    def text_tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = tokenizer.encode_batch(captions, max_length=max_tokens)
-        with torch.no_grad():
-            return clap.text_conditioning(torch.from_numpy(ids), torch.from_numpy(mask))
-
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        tokens, tmask = text_tokens(batch["caption"])  # (B, L, D), (B, L)
-        return diffusion_loss(engine, batch, tokens, tmask, cfg.cfg_dropout, engine.dtype), {}
-
+    engine = Engine(build_diffusion_model(cfg.model.preset), cfg, ctx.rank, ctx.world_size)
+    vae, clap = vae.to(engine.device), clap.to(engine.device)  # frozen, beside the model they feed and decode for
     holdout = data.holdout(cfg, window, rate, silence)
 
-    def evaluate(step: int) -> dict[str, float]:
-        weights = engine.export_state_dict()  # the EMA weights the export holds; collective: every rank calls it
-        if not ctx.is_main or holdout is None:
-            return {}
-        model = build_diffusion_model(cfg.model.preset)
-        model.load_state_dict(weights, strict=False)
-        return holdout_generation(model.eval(), vae, clap, tokenizer, holdout["caption"], cfg, window, rate)
+    progress = loop.resume("diffusion", cfg, ctx, {"": engine}, restore, tags={"clap_uri": cfg.model.clap})
+    batches = data.batches_from(cfg, urls, window, rate, silence, ctx.rank, ctx.world_size)(progress.step)
+    while progress.step < cfg.run.max_steps:
+        micro = 0
+        while micro < cfg.deepspeed.grad_accum:
+            batch = progress.next_batch(batches)
+            ids, text_mask = (torch.from_numpy(a) for a in tokenizer.encode_batch(batch["caption"], max_tokens))
+            batch = loop.to_device({**batch, "ids": ids, "text_mask": text_mask}, engine.device)
+            if progress.skip_nonfinite(batch["x"]):
+                continue
+            with torch.no_grad():  # the frozen CLAP's penultimate text layer: (B, L, D), (B, L)
+                tokens, token_mask = clap.text_conditioning(batch["ids"], batch["text_mask"])
+            loss = diffusion_loss(engine, batch, tokens, token_mask, cfg.cfg_dropout, engine.dtype)
+            if progress.skip_nonfinite(loss):
+                continue
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            progress.add(loss, {}, len(batch["x"]))
+        progress.step = engine.global_step
+        progress.log(engine)
 
-    def demo(step: int, tracker: Tracker) -> None:
-        weights = engine.ema_state_dict()
-        if weights is None or not tracker.enabled:
-            return
-        ema_model = build_diffusion_model(cfg.model.preset)
-        ema_model.load_state_dict(weights, strict=False)
-        with tempfile.TemporaryDirectory(prefix="longplay-demo-") as tmp:
-            for path in render_demos(ema_model.eval(), vae, text_tokens, cfg, window, rate, Path(tmp)):
-                tracker.log_artifact(path, artifact_path=f"demo/step_{step:08d}")
+        if ctx.is_main and progress.due(cfg.run.demo_every):  # rank 0, the EMA weights
+            weights = engine.ema_state_dict()
+            if weights is not None and progress.tracker.enabled:
+                bundle = Bundle(vae, clap, tokenizer, _model(cfg, weights, engine.device), _bundle_config(cfg, rate))
+                with tempfile.TemporaryDirectory(prefix="longplay-demo-") as tmp:
+                    for path in render_demos(bundle, cfg, Path(tmp)):
+                        progress.tracker.log_artifact(path, artifact_path=f"demo/step_{progress.step:08d}")
+        if progress.due(cfg.run.checkpoint_every):
+            evaluation = None
+            if holdout is not None:
+                weights = engine.export_state_dict()  # the EMA weights the export holds; collective: every rank
+                if ctx.is_main:
+                    model = _model(cfg, weights, engine.device)
+                    evaluation = holdout_generation(model, vae, clap, tokenizer, holdout["caption"], cfg, window, rate)
+            progress.checkpoint({"": engine}, evaluation)
 
-    def export(weights: dict[str, torch.Tensor], directory: Path) -> None:
+    weights = engine.export_state_dict()  # collective: every rank
+
+    def write_export(directory: Path) -> None:
         save_weights(weights, directory / WEIGHTS_FILE)
         config = {
             "kind": "diffusion",
@@ -114,16 +125,20 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
         copy_export(cfg.model.clap, directory / "clap")
         vae.save_pretrained(directory / "autoencoder")
 
-    return Task(
-        name="diffusion",
-        engine=engine,
-        batches=data.batches_from(cfg, urls, window, rate, silence, ctx.rank, ctx.world_size),
-        loss_fn=loss_fn,
-        export=export,
-        demo=demo,
-        evaluate=evaluate if holdout is not None else None,
-        tags={"clap_uri": cfg.model.clap},
-    )
+    progress.export(weights, write_export)
+    return progress.finish(engine)
+
+
+def _model(cfg: TrainConfig, weights: dict[str, torch.Tensor], device: torch.device) -> ConditionedDiffusionModel:
+    """A copy of the model with ``weights`` (EMA) for sampling, on ``device``."""
+    model = build_diffusion_model(cfg.model.preset)
+    model.load_state_dict(weights, strict=False)
+    return model.to(device).eval()
+
+
+def _bundle_config(cfg: TrainConfig, rate: float) -> dict[str, Any]:
+    """What generation reads from a bundle's config.json, for the model being trained."""
+    return {"latent_rate": rate, "window_seconds": cfg.data.window_seconds}
 
 
 def diffusion_loss(
@@ -139,7 +154,7 @@ def diffusion_loss(
     Every frame counts, the silence padding after short files included: that is what teaches the model to end on
     time. ``model`` is a ConditionedDiffusionModel or the DeepSpeed engine around one."""
     x0 = batch["x"].to(dtype)  # (B, C, W)
-    t = sample_t(x0.shape[0]).to(dtype)
+    t = sample_t(x0.shape[0], device=x0.device).to(dtype)
     noise = torch.randn_like(x0)
 
     def model_fn(x_t: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
@@ -172,17 +187,20 @@ def holdout_generation(
       latents, masked to the requested length) of matched pairs, and of every mismatched pair as the baseline.
     """
     captions = captions[:HOLDOUT_GENERATIONS]
-    n = len(captions)
+    n, device = len(captions), next(model.parameters()).device  # the frozen VAE and CLAP are there too
     requested = [float(np.ceil(cfg.holdout_seconds[i % len(cfg.holdout_seconds)])) for i in range(n)]
-    ids, mask = (torch.from_numpy(a) for a in tokenizer.encode_batch(captions, max_length=clap.config.text.max_tokens))
+    encoded = tokenizer.encode_batch(captions, max_length=clap.config.text.max_tokens)
+    ids, mask = (torch.from_numpy(a).to(device) for a in encoded)  # (n, L)
+    seconds_total = torch.tensor(requested, device=device)
     tokens, tmask = clap.text_conditioning(ids, mask)
-    fn = guided_model_fn(model, tokens, tmask, torch.zeros(n), torch.tensor(requested), DEMO_CFG_SCALE)
-    latents = sample(fn, (n, vae.latent_channels, window), steps=DEMO_STEPS, seed=cfg.run.seed)  # (n, C, W)
-    audio = vae.decode(latents).clamp(-1, 1).float().numpy()  # (n, 2, W·D)
+    fn = guided_model_fn(model, tokens, tmask, torch.zeros(n, device=device), seconds_total, DEMO_CFG_SCALE)
+    shape = (n, vae.latent_channels, window)
+    latents = sample(fn, shape, steps=DEMO_STEPS, seed=cfg.run.seed, device=device)  # (n, C, W)
+    audio = vae.decode(latents).clamp(-1, 1).float().cpu().numpy()  # (n, 2, W·D)
     errors = [abs(nonsilent_seconds(a, vae.sample_rate) - s) for a, s in zip(audio, requested, strict=True)]
-    frames = torch.arange(window)[None, :] < torch.tensor(requested)[:, None] * rate  # (n, W) requested frames
+    frames = torch.arange(window, device=device)[None, :] < seconds_total[:, None] * rate  # (n, W) requested frames
     matched, shuffled = matched_and_shuffled(
-        clap.encode_text(ids, mask).numpy(), clap.encode_audio(latents, frames).numpy()
+        clap.encode_text(ids, mask).float().cpu().numpy(), clap.encode_audio(latents, frames).float().cpu().numpy()
     )
     out = {
         "holdout_timing_median_abs_error_s": float(np.median(errors)),
@@ -194,30 +212,18 @@ def holdout_generation(
     return out
 
 
-@torch.no_grad()
-def render_demos(
-    model: torch.nn.Module,
-    vae: Autoencoder,
-    text_tokens: Any,
-    cfg: TrainConfig,
-    window: int,
-    rate: float,
-    out: Path,
-) -> list[Path]:
-    """Sample every (prompt, seconds) pair, decode, trim; write ``pNN_Ss.wav`` and ``pNN_Ss.png`` into ``out``."""
+def render_demos(bundle: Bundle, cfg: TrainConfig, out: Path) -> list[Path]:
+    """Generate every (prompt, seconds) pair as ``longplay generate`` does (:meth:`Bundle.generate`, trimmed to the
+    request); write ``pNN_Ss.wav`` and ``pNN_Ss.png`` into ``out``."""
     paths = []
     for p, prompt in enumerate(cfg.demo_prompts):
         for seconds in cfg.demo_seconds:
-            tokens, tmask = text_tokens([prompt])
-            frames = max(window, int(np.ceil(seconds * rate)))
-            fn = guided_model_fn(
-                model, tokens, tmask, torch.zeros(1), torch.tensor([float(np.ceil(seconds))]), DEMO_CFG_SCALE
+            (audio,) = bundle.generate(
+                [prompt], seconds, steps=DEMO_STEPS, cfg_scale=DEMO_CFG_SCALE, seed=cfg.run.seed + p
             )
-            latents = sample(fn, (1, vae.latent_channels, frames), steps=DEMO_STEPS, seed=cfg.run.seed + p)
-            audio = vae.decode(latents)[0, :, : int(seconds * vae.sample_rate)].clamp(-1, 1).numpy()  # (2, N)
-            stem = out / f"p{p:02d}_{seconds:g}s"
-            paths += [write_wav(stem.with_suffix(".wav"), audio, vae.sample_rate)]
-            paths += [write_spectrogram(stem.with_suffix(".png"), audio, vae.sample_rate, f"{prompt} ({seconds:g} s)")]
+            stem = f"p{p:02d}_{seconds:g}s"  # not Path.with_suffix: it would cut "2.5s" to "2"
+            paths += [write_wav(out / f"{stem}.wav", audio, bundle.sample_rate)]
+            paths += [write_spectrogram(out / f"{stem}.png", audio, bundle.sample_rate, f"{prompt} ({seconds:g} s)")]
     return paths
 
 
@@ -240,7 +246,3 @@ def write_spectrogram(path: Path, audio: np.ndarray, sample_rate: int, title: st
     plt.close(fig)
     path.write_bytes(buf.getvalue())
     return path
-
-
-def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
-    return run(build_task(cfg, ctx, restore), cfg, ctx, restore)

@@ -68,10 +68,8 @@ def lr_factor(step: int, warmup_steps: int, decay: str, max_steps: int) -> float
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(ds: DeepSpeedSection, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON config for our ``deepspeed`` section."""
-    if ds.precision == "fp16" and not use_gpu:
-        raise ValueError("deepspeed.precision: fp16 needs GPUs (use fp32 or bf16 on CPU)")
+def deepspeed_config(ds: DeepSpeedSection, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for our ``deepspeed`` section (fp16 without a GPU is refused by the schema)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": ds.micro_batch,
         "gradient_accumulation_steps": ds.grad_accum,
@@ -203,7 +201,7 @@ class Engine:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, ds.warmup_steps, ds.decay, cfg.run.max_steps)
         )
-        self.ds_config = deepspeed_config(ds, world_size, cfg.scaling.use_gpu)
+        self.ds_config = deepspeed_config(ds, world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )

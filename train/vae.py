@@ -28,10 +28,10 @@ from pipeline import shards as shard_format
 from pipeline.config import TrainConfig
 from pipeline.models.autoencoder import Autoencoder, build_autoencoder
 from pipeline.reconstruction import reconstruction_metrics
-from train import data
+from train import data, loop
 from train.components import CONFIG_FILE
 from train.engine import Engine
-from train.loop import RankContext, Task, run
+from train.loop import RankContext
 from train.vae_losses import (
     ADV_WEIGHT,
     DISC_WIDTH,
@@ -46,7 +46,8 @@ from train.vae_losses import (
 HOLDOUT_SECONDS = 4.0  # length of each held-out excerpt scored at checkpoints
 
 
-def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task:
+def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
+    """Train the VAE to ``cfg.run.max_steps`` (resuming from the checkpoint dir ``restore``); export, register."""
     urls = shard_format.shard_uris(cfg.data.shards, cfg.data.split)
     if not urls:
         raise ValueError(f"data.shards: no {cfg.data.split!r} shards under {cfg.data.shards}")
@@ -55,68 +56,75 @@ def build_task(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> Task
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     vae = build_autoencoder(cfg.model.preset)
     engine = Engine(vae, cfg, ctx.rank, ctx.world_size)
+    engines = {"": engine}
     adversarial = cfg.vae.adversarial
-    if adversarial:
+    if adversarial:  # a second engine, checkpointed under discriminator/
         disc = STFTDiscriminator(vae.cfg.audio_channels, width=DISC_WIDTH[cfg.model.preset])
-        disc_engine = Engine(disc, cfg, ctx.rank, ctx.world_size, ema=False)
+        disc_engine = engines["discriminator"] = Engine(disc, cfg, ctx.rank, ctx.world_size, ema=False)
     window = max(vae.downsampling, round(cfg.data.window_seconds * vae.sample_rate))
     # Held-out excerpts of HOLDOUT_SECONDS from the start of each piece (zero-padded when shorter).
     holdout = data.holdout(cfg, round(HOLDOUT_SECONDS * vae.sample_rate), float(vae.sample_rate), 0.0, "flac")
 
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        audio = batch["x"].to(engine.dtype)  # (B, 2, N)
-        recon, kl = engine(audio)  # (B, 2, N), ()
-        reconstruction = stereo_stft_loss(recon.float(), audio.float(), floor=cfg.vae.magnitude_floor)
-        if not adversarial:
-            loss = reconstruction + cfg.vae.kl_weight * kl
-            return loss, {"stft": float(reconstruction.detach()), "kl": float(kl.detach())}
+    progress = loop.resume("vae", cfg, ctx, engines, restore)
+    batches = data.batches_from(cfg, urls, window, float(vae.sample_rate), 0.0, ctx.rank, ctx.world_size, "flac")
+    batches = batches(progress.step)
+    kl_weight = cfg.vae.kl_weight
+    while progress.step < cfg.run.max_steps:
+        micro = 0
+        while micro < cfg.deepspeed.grad_accum:
+            batch = loop.to_device(progress.next_batch(batches), engine.device)
+            if progress.skip_nonfinite(batch["x"]):  # before any forward: the discriminator steps inside this one
+                continue
+            audio = batch["x"].to(engine.dtype)  # (B, 2, N)
+            recon, kl = engine(audio)  # (B, 2, N), ()
+            reconstruction = stereo_stft_loss(recon.float(), audio.float(), floor=cfg.vae.magnitude_floor)
+            metrics = {"stft": float(reconstruction.detach()), "kl": float(kl.detach())}
+            if not adversarial:
+                loss = reconstruction + kl_weight * kl
+            else:
+                # 1. the discriminator steps on the detached reconstruction
+                d_loss = discriminator_hinge(disc_engine(audio), disc_engine(recon.detach()))
+                disc_engine.backward(d_loss)
+                disc_engine.step()
+                # 2. the generator's terms through the discriminator, frozen for this pass
+                disc.requires_grad_(False)
+                real, fake = disc(audio), disc(recon)
+                disc.requires_grad_(True)
+                hinge, features = generator_hinge(fake), feature_matching(real, fake)
+                loss = reconstruction + kl_weight * kl + ADV_WEIGHT * hinge + FEATURE_WEIGHT * features
+                metrics.update(
+                    adversarial=float(hinge.detach()),
+                    feature_matching=float(features.detach()),
+                    discriminator=float(d_loss.detach()),
+                )
+            if progress.skip_nonfinite(loss):
+                continue
+            engine.backward(loss)  # 3. the VAE (generator) steps
+            engine.step()
+            micro += 1
+            progress.add(loss, metrics, len(audio))
+        progress.step = engine.global_step
+        progress.log(engine)
+        if progress.due(cfg.run.checkpoint_every):
+            weights = engine.export_state_dict() if holdout is not None else None  # collective: every rank
+            evaluation = score(vae, weights, holdout) if weights is not None and ctx.is_main else None
+            progress.checkpoint(engines, evaluation)
 
-        # discriminator update on the detached reconstruction
-        d_loss = discriminator_hinge(disc_engine(audio), disc_engine(recon.detach()))
-        disc_engine.backward(d_loss)
-        disc_engine.step()
-
-        # generator update through a frozen discriminator
-        disc.requires_grad_(False)
-        real, fake = disc(audio), disc(recon)
-        disc.requires_grad_(True)
-        hinge = generator_hinge(fake)
-        features = feature_matching(real, fake)
-        loss = reconstruction + cfg.vae.kl_weight * kl + ADV_WEIGHT * hinge + FEATURE_WEIGHT * features
-        metrics = {
-            "stft": float(reconstruction.detach()),
-            "kl": float(kl.detach()),
-            "adversarial": float(hinge.detach()),
-            "feature_matching": float(features.detach()),
-            "discriminator": float(d_loss.detach()),
-        }
-        return loss, metrics
-
-    def evaluate(step: int) -> dict[str, float]:
-        weights = engine.export_state_dict()  # what the export will hold (EMA); collective: every rank calls it
-        if not ctx.is_main or holdout is None:
-            return {}
-        model = Autoencoder(vae.cfg)
-        model.load_state_dict(weights)
-        return reconstruction_metrics(model, holdout["x"])
-
-    def export(weights: dict[str, torch.Tensor], directory: Path) -> None:
-        model = Autoencoder(vae.cfg)
-        model.load_state_dict(weights)
-        model.save_pretrained(directory)
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        (directory / CONFIG_FILE).write_text(json.dumps({**config, "_preset": cfg.model.preset}, indent=2))
-
-    return Task(
-        name="vae",
-        engine=engine,
-        batches=data.batches_from(cfg, urls, window, float(vae.sample_rate), 0.0, ctx.rank, ctx.world_size, "flac"),
-        loss_fn=loss_fn,
-        export=export,
-        evaluate=evaluate if holdout is not None else None,
-        aux={"discriminator": disc_engine} if adversarial else {},
-    )
+    weights = engine.export_state_dict()  # the EMA weights; collective: every rank
+    progress.export(weights, lambda directory: write_export(Autoencoder(vae.cfg), weights, cfg.model.preset, directory))
+    return progress.finish(*reversed(engines.values()))
 
 
-def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
-    return run(build_task(cfg, ctx, restore), cfg, ctx, restore)
+def score(vae: Autoencoder, weights: dict[str, torch.Tensor], holdout: dict[str, Any]) -> dict[str, float]:
+    """Reconstruction figures of ``weights`` (what the export will hold) on the held-out audio (B, 2, N)."""
+    model = Autoencoder(vae.cfg)
+    model.load_state_dict(weights)
+    return reconstruction_metrics(model, holdout["x"])
+
+
+def write_export(model: Autoencoder, weights: dict[str, torch.Tensor], preset: str, directory: Path) -> None:
+    """The format ``Autoencoder.from_pretrained`` reads (model.safetensors + config.json), the preset named."""
+    model.load_state_dict(weights)
+    model.save_pretrained(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    (directory / CONFIG_FILE).write_text(json.dumps({**config, "_preset": preset}, indent=2))

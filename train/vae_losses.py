@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.presets import PRESETS
+
 STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # reconstruction resolutions (hop = n_fft / 4)
 DISC_SIZES = (2048, 1024, 512)  # discriminator resolutions
 # Conv width of the discriminator per model preset. Its cost grows with width² at every STFT bin and frame, so the
 # tiny preset (CPU tests, the demo) uses 8: width 32 costs ~30 s per step of 4 x 2 s on one CPU core, width 8 ~1 s.
-DISC_WIDTH = {"tiny": 8, "sa1": 32, "sa-open": 32}
+DISC_WIDTH = {**dict.fromkeys(PRESETS, 32), "tiny": 8}
 ADV_WEIGHT, FEATURE_WEIGHT = 0.1, 5.0  # the KL weight is a config key: vae.kl_weight (1e-4)
 # Default floor of the STFT magnitudes before the log (auraloss / stable-audio-tools: sqrt(1e-8); the config key
 # vae.magnitude_floor). Lower floors make the log term chase bins 140 dB down; the tiny recipe raises it to 1e-2 so

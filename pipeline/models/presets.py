@@ -13,7 +13,7 @@ from pipeline.models.autoencoder import AUTOENCODER_PRESETS, Autoencoder
 from pipeline.models.clap import CLAP_PRESETS, build_clap
 from pipeline.models.conditioning import DIFFUSION_PRESETS, build_diffusion_model
 
-PRESETS = ("tiny", "sa1", "sa-open")
+PRESETS = ("tiny", "sa1", "sa-open")  # the preset registry: the config schema and the CLI read the names here
 CLAP_VOCAB_SIZE = 8000  # the default BPE vocabulary the tokenizer is trained to
 
 

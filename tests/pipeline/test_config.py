@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import (
     ConfigError,
     EvaluateConfig,
     PreprocessConfig,
     TrainConfig,
+    deep_merge,
     flatten,
     load_config,
     parse_overrides,
@@ -126,3 +129,52 @@ def test_evaluate_numbers_are_finite_and_in_range(override, key):
         load_config(EvaluateConfig, None, [override])
     assert str(err.value).startswith(f"{key}: "), err.value
     assert load_config(EvaluateConfig, None, [f"seed={2**64 - 1}"]).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    "path, overrides, message",
+    [
+        (
+            "configs/tiny/diffusion.yaml",
+            ["model.clap=null"],
+            "model.clap: diffusion needs a trained CLAP (path, s3:// URI or models:/NAME@ALIAS)",
+        ),
+        (
+            "configs/tiny/clap.yaml",
+            ["deepspeed.precision=fp16"],
+            "deepspeed.precision: fp16 needs scaling.use_gpu=true (use fp32 or bf16 on CPU)",
+        ),
+    ],
+)
+def test_rules_across_sections_are_the_schemas(path, overrides, message):
+    """Issue 12: 'diffusion needs a CLAP' and 'fp16 needs a GPU' hold wherever a TrainConfig is made (the CLI, the demo,
+    a Ray worker), as one line naming the key, and `config validate` exits 2 with it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, REPO / path, overrides)
+    assert str(err.value) == message
+    raw = deep_merge(yaml.safe_load((REPO / path).read_text()), parse_overrides(overrides))
+    with pytest.raises(ValueError, match=re.escape(message)):  # also without load_config: a Ray worker's way
+        TrainConfig.model_validate(raw)
+    assert load_config(TrainConfig, REPO / path, [*overrides, "scaling.use_gpu=true", "model.clap=m"])
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "config", "validate", "train", path, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"longplay: error: {message}"]
+
+
+def test_preset_and_sampler_names_come_from_their_registries():
+    from pipeline.diffusion import SAMPLERS
+    from pipeline.models.presets import PRESETS
+
+    for preset in PRESETS:
+        assert load_config(TrainConfig, REPO / "configs/tiny/clap.yaml", [f"model.preset={preset}"]).model.preset
+    for sampler in SAMPLERS:
+        assert load_config(EvaluateConfig, None, [f"sampler={sampler}"]).sampler == sampler
+    with pytest.raises(ConfigError, match="sampler: Input should be 'dpmpp-3m-sde', 'dpmpp-2m' or 'euler'"):
+        load_config(EvaluateConfig, None, ["sampler=ddim"])
+    assert EvaluateConfig().sampler == next(iter(SAMPLERS))  # the registry's first is the default

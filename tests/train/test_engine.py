@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from pipeline.config import DeepSpeedSection
+from pipeline.config import DeepSpeedSection, TrainConfig
 from train.engine import deepspeed_config, lr_factor
 
 
@@ -26,12 +26,14 @@ def test_lr_schedule() -> None:
 
 def test_deepspeed_config() -> None:
     ds = DeepSpeedSection(zero_stage=2, precision="bf16", micro_batch=4, grad_accum=3, grad_clip=0.5)
-    cfg = deepspeed_config(ds, world_size=2, use_gpu=False)
+    cfg = deepspeed_config(ds, world_size=2)
     assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"] == {"enabled": True}
     assert cfg["gradient_clipping"] == 0.5
+    # fp16 without a GPU is refused by the schema, before any engine is built (tests/pipeline/test_config.py too)
     with pytest.raises(ValueError, match="fp16"):
-        deepspeed_config(DeepSpeedSection(precision="fp16"), 1, use_gpu=False)
+        TrainConfig.model_validate({"kind": "clap", "data": {"shards": "x"}, "deepspeed": {"precision": "fp16"}})
+    assert deepspeed_config(DeepSpeedSection(precision="fp16"), 1)["fp16"]["enabled"] is True  # on GPUs
 
 
 SCRIPT = textwrap.dedent(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,16 +26,12 @@ class _Tracker:
 
 
 def _export(cfg: TrainConfig, value: float) -> None:
-    def export(weights, directory: Path) -> None:
+    def write(directory: Path) -> None:
         (directory / "weights.json").write_text(json.dumps(weights["w"].tolist()))
+        (directory / "extra.txt").write_text(f"export {value:g}")
 
-    task = SimpleNamespace(
-        name="t",
-        engine=SimpleNamespace(export_state_dict=lambda: {"w": torch.full((2,), value)}, global_step=int(value)),
-        export=export,
-        write_extras=lambda d: (d / "extra.txt").write_text(f"export {value:g}"),
-    )
-    loop._export(task, cfg, loop.RankContext(), _Tracker())
+    weights = {"w": torch.full((2,), value)}
+    loop.export("t", cfg, _Tracker(), weights, int(value), write)
 
 
 def test_a_crashed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch) -> None:

@@ -1,5 +1,6 @@
-"""The shared loop on one CPU rank (gloo, in a subprocess) fed NaN latents, an inf loss, or weights that turn NaN
-(issue 15 item 8): bad micro-batches are skipped and counted, non-finite weights are never exported or registered."""
+"""The CLAP loop (train/clap.py over the shared helpers of train/loop.py) on one CPU rank (gloo, in a subprocess, local
+latent shards) fed NaN latents, an inf loss, or weights that turn NaN (issue 15 item 8): bad micro-batches are
+skipped and counted, non-finite weights are never exported or registered."""
 
 from __future__ import annotations
 
@@ -25,44 +26,49 @@ SCRIPT = textwrap.dedent(
     dist.init_process_group("gloo")
     import mlflow
     from pipeline.config import TrainConfig
-    from train.engine import Engine
-    from train.loop import RankContext, Task, run
+    from train import clap as clap_loop, data
+    from train.loop import RankContext
 
     cfg = TrainConfig.model_validate({
-        "kind": "clap", "data": {"shards": str(out / "no-shards")},
+        "kind": "clap", "data": {"shards": str(out / "shards"), "window_seconds": 1.0, "shuffle_buffer": 8},
         "run": {"name": "t", "checkpoint_uri": str(out / "ckpt"), "experiment": "faults", "max_steps": 6,
                 "log_every": 3, "checkpoint_every": 100, "demo_every": 100},
         "deepspeed": {"lr": 1e-2, "warmup_steps": 0, "decay": "constant", "micro_batch": 2},
         "ema": {"decay": 0.5},
     })
-    torch.manual_seed(0)
-    net = torch.nn.Linear(4, 1)
-    engine = Engine(net, cfg, 0, 1)
-    drawn = [0]
+    # Faults are injected around the real CLAP loop: its batches, its loss, its engine's weights.
+    drawn, engines = [0], []
+    real_batches_from, real_info_nce, RealEngine = data.batches_from, clap_loop.info_nce, clap_loop.Engine
 
-    def batches(start):
-        while True:
-            drawn[0] += 1
-            x = torch.randn(2, 4)
-            if mode == "latents" and drawn[0] in (2, 5):
-                x[0, 1] = float("nan")
-            yield {"x": x}
+    def batches_from(*args, **kwargs):
+        make = real_batches_from(*args, **kwargs)
 
-    def loss_fn(batch):
-        loss = engine(batch["x"]).pow(2).mean()
+        def batches(start):
+            for batch in make(start):
+                drawn[0] += 1
+                if mode == "latents" and drawn[0] in (2, 5):
+                    batch["x"][0, 1] = float("nan")
+                yield batch
+        return batches
+
+    def info_nce(text, audio, scale):
+        out_ = real_info_nce(text, audio, scale)
         if mode == "loss" and drawn[0] in (3, 4):
-            loss = loss * float("inf")
+            out_ = out_._replace(loss=out_.loss * float("inf"))
         if mode == "weights" and drawn[0] == 6:
-            net.weight.data[0, 0] = float("nan")  # e.g. an overflow the loss did not show
-        return loss, {}
+            with torch.no_grad():  # e.g. an overflow the loss did not show
+                next(engines[0].module.parameters()).data.view(-1)[0] = float("nan")
+        return out_
 
-    def export(weights, directory):
-        (directory / "weights.json").write_text(json.dumps({k: v.tolist() for k, v in weights.items()}))
+    class Engine(RealEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
 
-    task = Task(name="t", engine=engine, batches=batches, loss_fn=loss_fn, export=export)
+    data.batches_from, clap_loop.info_nce, clap_loop.Engine = batches_from, info_nce, Engine
     error = None
     try:
-        run(task, cfg, RankContext())
+        clap_loop.train(cfg, RankContext(), None)
     except FloatingPointError as exc:
         error = str(exc)
     client = mlflow.MlflowClient()
@@ -71,10 +77,10 @@ SCRIPT = textwrap.dedent(
                for k in ("loss", "nonfinite_steps")}
     export_dir = out / "ckpt" / "t" / "export"
     print(json.dumps({
-        "error": error, "step": engine.global_step, "history": history,
+        "error": error, "step": engines[0].global_step, "history": history,
         "exported": sorted(str(p.relative_to(export_dir)) for p in export_dir.rglob("*") if p.is_file())
                     if export_dir.exists() else [],
-        "weights_finite": bool(all(torch.isfinite(p).all() for p in net.parameters())),
+        "weights_finite": bool(all(torch.isfinite(p).all() for p in engines[0].module.parameters())),
         "registered": [m.name for m in client.search_registered_models()],
     }))
     """
@@ -87,7 +93,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(mode: str, tmp_path) -> dict:
+def _run(mode: str, tmp_path, dataset_writer) -> dict:
+    dataset_writer(str(tmp_path / "shards"), "preset:tiny", train_shards=(8,), val=2)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(_free_port()), mode, str(tmp_path)],
         capture_output=True,
@@ -99,17 +106,18 @@ def _run(mode: str, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize(("mode", "counted"), [("latents", [[3, 1.0], [6, 2.0]]), ("loss", [[3, 2.0], [6, 2.0]])])
-def test_nonfinite_batches_are_skipped_and_counted(mode, counted, tmp_path) -> None:
+def test_nonfinite_batches_are_skipped_and_counted(mode, counted, tmp_path, dataset_writer) -> None:
     """Before: the NaN reached the weights and the EMA, and the NaN export was written and registered."""
-    result = _run(mode, tmp_path)
+    result = _run(mode, tmp_path, dataset_writer)
     assert result["error"] is None and result["step"] == 6
-    assert result["weights_finite"] and result["exported"] == ["EXPORT.json", "train_config.json", "weights.json"]
+    exported = ["EXPORT.json", "config.json", "model.safetensors", "tokenizer.json", "train_config.json"]
+    assert result["weights_finite"] and result["exported"] == exported
     assert all(v == v and abs(v) < float("inf") for _, v in result["history"]["loss"])
     assert result["history"]["nonfinite_steps"] == counted  # draws 2 and 5 (latents), 3 and 4 (loss)
     assert result["registered"] == ["t"]
 
 
-def test_nonfinite_weights_are_never_exported_or_registered(tmp_path) -> None:
-    result = _run("weights", tmp_path)
+def test_nonfinite_weights_are_never_exported_or_registered(tmp_path, dataset_writer) -> None:
+    result = _run("weights", tmp_path, dataset_writer)
     assert result["error"] is not None and "non-finite weights" in result["error"], result["error"]
     assert result["exported"] == [] and result["registered"] == []
