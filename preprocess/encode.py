@@ -37,17 +37,12 @@ class VaeSpec:
         return self.vae_id == "none"
 
 
-def load_vae(uri: str, device: str = "cpu"):
-    """The autoencoder ``uri`` names, frozen on ``device`` (None for ``none``)."""
-    return None if uri == "none" else components.load_vae(uri, device)
-
-
 def resolve_vae(uri: str) -> VaeSpec:
     """Load ``--vae`` once on the driver to fix its id; a VAE that cannot be loaded is a usage error (exit 2)."""
     if uri == "none":
         return VaeSpec(uri, "none", "none", 2, float(SAMPLE_RATE))
     try:
-        model = load_vae(uri)
+        model = components.load_vae(uri)
         vae_id = components.vae_id(uri if uri.startswith("preset:") else model)
     except Exception as exc:  # any failure to load a user-named model is a usage error, reported in one line
         message = str(exc).splitlines()[0] if str(exc) else ""

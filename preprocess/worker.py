@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards
+from pipeline import components, shards
 from pipeline.config import PreprocessConfig
 from preprocess import audio, augment
-from preprocess.encode import VaeSpec, check_loaded, encode, load_vae
+from preprocess.encode import VaeSpec, check_loaded, encode
 from preprocess.sources import InputItem, ShardPlan, fetch, read_sidecar
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class ShardWorker:
         self.cfg = PreprocessConfig.model_validate(config)
         self.vae = vae
         self.device = device
-        self.model = load_vae(vae.uri, device)
+        self.model = None if vae.audio_only else components.load_vae(vae.uri, device)
         check_loaded(self.model, vae)
         self.chain = augment.build_chain(self.cfg.augment.chain)
         self.copies = self.cfg.augment.copies if self.chain is not None else 0

@@ -57,7 +57,7 @@ def test_preset_vae_is_seeded_and_identified():
     spec = encode.resolve_vae("preset:tiny")
     assert spec.vae_id == "preset:tiny@seed0" and spec.latent_channels == 16
     assert spec.latent_rate == pytest.approx(44100 / 1024)
-    a, b = encode.load_vae("preset:tiny"), encode.load_vae("preset:tiny")
+    a, b = components.load_vae("preset:tiny"), components.load_vae("preset:tiny")
     assert weights_hash(a) == weights_hash(b)
     assert encode.resolve_vae("none").audio_only
     with pytest.raises(ConfigError, match="--vae"):
@@ -65,17 +65,18 @@ def test_preset_vae_is_seeded_and_identified():
 
 
 def test_exported_vae_is_identified_by_its_weights(tmp_path):
-    model = encode.load_vae("preset:tiny")
+    model = components.load_vae("preset:tiny")
     components.save_vae(model, tmp_path / "vae")
     spec = encode.resolve_vae(str(tmp_path / "vae"))
     assert spec.vae_id == f"sha256:{weights_hash(model)[:16]}"
-    encode.check_loaded(encode.load_vae(str(tmp_path / "vae")), spec)
+    encode.check_loaded(components.load_vae(str(tmp_path / "vae")), spec)
     with pytest.raises(RuntimeError, match="worker loaded weights"):
-        encode.check_loaded(encode.load_vae("preset:tiny"), spec.__class__(**{**spec.__dict__, "vae_id": "sha256:0"}))
+        other = spec.__class__(**{**spec.__dict__, "vae_id": "sha256:0"})
+        encode.check_loaded(components.load_vae("preset:tiny"), other)
 
 
 def test_batched_encode_matches_one_by_one():
-    model = encode.load_vae("preset:tiny")
+    model = components.load_vae("preset:tiny")
     pieces = [_audio(0.5, 1), _audio(0.3, 2), _audio(0.5, 3), _audio(0.5, 4), _audio(1.5, 5)]
     batched = encode.encode(model, pieces, batch_size=2, chunk_seconds=1.0)
     for piece, z in zip(pieces, batched, strict=True):
