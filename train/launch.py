@@ -84,14 +84,14 @@ def storage_location(uri: str) -> tuple[str, Any]:
     retries that survive Ray's pickling (see :mod:`train.checkpoint_fs`)."""
     if not storage.is_s3(uri):
         return str(Path(uri).resolve()), None
-    from train.checkpoint_fs import s3_filesystem
+    from train.checkpoint_fs import RetryingS3FileSystem
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     if not endpoint:
-        return uri.removeprefix("s3://"), s3_filesystem(region)
+        return uri.removeprefix("s3://"), RetryingS3FileSystem(region)
     parsed = urlparse(endpoint)
-    filesystem = s3_filesystem(region, endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    filesystem = RetryingS3FileSystem(region, parsed.netloc or parsed.path, parsed.scheme or "https")
     return uri.removeprefix("s3://"), filesystem
 
 
