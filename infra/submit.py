@@ -26,12 +26,12 @@ def project_root() -> Path:
 
 
 def entrypoint(argv: list[str]) -> str:
-    """``["longplay", "train", ...]`` → ``python -m pipeline.cli train ...`` run from the uploaded working dir."""
+    """``["longplay", "train", ...]`` → ``python -m infra.cli train ...`` run from the uploaded working dir."""
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv or argv[0] != "longplay":
         raise ValueError("submit runs longplay commands: longplay submit -- longplay <command> ...")
-    return shlex.join(["python", "-m", "pipeline.cli", *argv[1:]])
+    return shlex.join(["python", "-m", "infra.cli", *argv[1:]])
 
 
 def runtime_env(env: dict[str, str]) -> dict:

@@ -12,7 +12,6 @@ Timing follows the paper: the model samples a latent window at least as long as 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,35 +22,9 @@ import torch
 
 from pipeline.diffusion import SAMPLERS, sample
 from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.clap import CLAP, build_clap
-from pipeline.models.conditioning import ConditionedDiffusionModel, build_diffusion_model, guided_model_fn
+from pipeline.models.clap import CLAP
+from pipeline.models.conditioning import ConditionedDiffusionModel, guided_model_fn
 from pipeline.text import CaptionTokenizer
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _config(directory: Path, kind: str, source: str | None = None) -> dict[str, Any]:
-    config = json.loads((directory / "config.json").read_text())
-    if config.get("kind") != kind:
-        raise ValueError(f"{source or directory}: not a {kind} export (kind={config.get('kind')!r})")
-    return config
-
-
-def load_clap(uri: str) -> tuple[CLAP, CaptionTokenizer, dict[str, Any]]:
-    """A trained CLAP export (local dir, s3:// prefix, models:/…; also a bundle's ``clap/``) → the frozen model
-    (eval, no grads), its caption tokenizer and its config. The one CLAP loader: generation and diffusion training."""
-    from pipeline.tracking import download_model
-
-    directory = download_model(uri)
-    config = _config(directory, "clap", source=uri)
-    clap = build_clap(config["preset"], vocab_size=int(config["vocab_size"]))
-    clap.load_state_dict(_weights(directory / "model.safetensors"), strict=True)
-    tokenizer = CaptionTokenizer.load(directory / "tokenizer.json")
-    return clap.eval().requires_grad_(False), tokenizer, config
 
 
 @dataclass
@@ -126,35 +99,6 @@ class Bundle:
         latents = sample(model_fn, shape, steps, sampler, seed=seed, device=device)
         audio = self.autoencoder.decode(latents).clamp(-1, 1)[0]  # (2, frames * downsampling)
         return (audio[:, : round(seconds * self.sample_rate)] if trim else audio).float().cpu().numpy()
-
-
-def _load_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
-    """Load exported (EMA) weights: every parameter must be there; non-persistent state may be absent."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    params = {name for name, _ in model.named_parameters()}
-    if unexpected or params & set(missing):
-        raise ValueError(
-            f"{where}: weights do not fit the preset (missing {sorted(params & set(missing))[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-
-
-def load(uri: str) -> Bundle:
-    """A bundle from a local directory, an s3:// prefix or an MLflow model URI (``models:/name@alias``)."""
-    from pipeline.tracking import download_model
-
-    root = download_model(uri)
-    config = _config(root, "diffusion", source=uri)
-    clap, tokenizer, _ = load_clap(str(root / "clap"))
-    diffusion = build_diffusion_model(config["preset"])
-    _load_parameters(diffusion, _weights(root / "model.safetensors"), root)
-    return Bundle(
-        autoencoder=Autoencoder.from_pretrained(str(root / "autoencoder")).eval(),
-        clap=clap,
-        tokenizer=tokenizer,
-        diffusion=diffusion.eval(),
-        config=config,
-    )
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:

@@ -32,7 +32,7 @@ CLASSES = {"low drone": 110.0, "middle tone": 330.0, "high whistle": 990.0, "buz
 
 def _longplay(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
     assert out.returncode == 0, f"longplay {args[0]} failed:\n{out.stderr[-3000:]}"
     return out
@@ -155,10 +155,10 @@ def test_raw_audio_to_generated_wav(local_stack, tmp_path):
     assert run.data.metrics and run.data.tags["longplay.kind"] == "evaluation"
 
     # 6. the CLAP score of the trained CLAP ranks matching caption/audio pairs above mismatched ones
-    from pipeline import generate, metrics
+    from pipeline import components, metrics
     from pipeline.embedders import ProjectClap
 
-    bundle = generate.load(f"models:/{diffusion_name}@latest")
+    bundle = components.load_bundle(f"models:/{diffusion_name}@latest")
     clap = ProjectClap(bundle.autoencoder, bundle.clap, bundle.tokenizer)
     audio = [str(src_dir / r["path"]) for r in rows]
     captions = [r["caption"] for r in rows]

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from pipeline import shards as shard_format
+from pipeline.components import load_clap, save_vae
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, sample_t, v_loss
-from pipeline.generate import Bundle, load_clap, write_wav
+from pipeline.generate import Bundle, write_wav
 from pipeline.metrics import matched_and_shuffled, nonsilent_seconds
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.clap import CLAP
@@ -123,7 +124,7 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         copy_export(cfg.model.clap, directory / "clap")
-        vae.save_pretrained(directory / "autoencoder")
+        save_vae(vae, directory / "autoencoder")
 
     progress.export(weights, write_export)
     return progress.finish(engine)

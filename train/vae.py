@@ -11,7 +11,7 @@ With ``vae.adversarial=false`` there is no discriminator: the generator loss is 
 recipe: the discriminator triples the step cost, and the feature-matching term swamps reconstruction early on).
 
 The discriminator is a second DeepSpeed engine, checkpointed beside the VAE under ``discriminator/``. The export is
-the VAE's EMA weights in the format ``Autoencoder.from_pretrained`` reads (model.safetensors + config.json). With
+the VAE's EMA weights in the format ``pipeline.components.load_vae`` reads (model.safetensors + config.json). With
 ``data.holdout_split`` set, every checkpoint scores the EMA weights on held-out audio
 (:func:`pipeline.reconstruction.reconstruction_metrics`: spectral convergence, log-mel distance, silence level...).
 """
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pipeline import shards as shard_format
+from pipeline.components import save_vae
 from pipeline.config import TrainConfig
 from pipeline.models.autoencoder import Autoencoder, build_autoencoder
 from pipeline.reconstruction import reconstruction_metrics
@@ -123,8 +124,8 @@ def score(vae: Autoencoder, weights: dict[str, torch.Tensor], holdout: dict[str,
 
 
 def write_export(model: Autoencoder, weights: dict[str, torch.Tensor], preset: str, directory: Path) -> None:
-    """The format ``Autoencoder.from_pretrained`` reads (model.safetensors + config.json), the preset named."""
+    """The format ``pipeline.components.load_vae`` reads (model.safetensors + config.json), the preset named."""
     model.load_state_dict(weights)
-    model.save_pretrained(directory)
+    save_vae(model, directory)
     config = json.loads((directory / CONFIG_FILE).read_text())
     (directory / CONFIG_FILE).write_text(json.dumps({**config, "_preset": preset}, indent=2))

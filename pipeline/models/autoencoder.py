@@ -348,22 +348,6 @@ class Autoencoder(nn.Module):
     def _frames(self, seconds: float | None, default: int) -> int:
         return default if seconds is None else math.ceil(seconds * self.latent_rate)
 
-    # ------------------------------------------------------------------ persistence: moved to pipeline.components
-    # Kept only while train/vae.py, train/diffusion.py, pipeline/generate.py and tests/train still call them
-    # (tests/test_layering.py names this edge as the one pending exception); delete both then.
-    @classmethod
-    def from_pretrained(cls, uri: str | Any, config: AutoencoderConfig | None = None, device: str = "cpu"):
-        """Deprecated: :func:`pipeline.components.load_vae`."""
-        from pipeline.components import load_vae
-
-        return load_vae(str(uri), device, config)
-
-    def save_pretrained(self, directory: str | Any) -> Any:
-        """Deprecated: :func:`pipeline.components.save_vae`."""
-        from pipeline.components import save_vae
-
-        return save_vae(self, directory)
-
 
 @torch.no_grad()
 def _variance_preserving_stages(model: nn.Module) -> None:

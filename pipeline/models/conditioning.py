@@ -66,7 +66,6 @@ class DiffusionModelConfig:
     timing_max_seconds: int = 512  # timing values are clamped to [0, this]
     timing_global: bool = True  # also pass [start ‖ total] (B, 2 cond_token_dim) as the backbone's global cond
     max_text_tokens: int = 77  # longest text token sequence (CLAP's context)
-    cfg_dropout: float = 0.1  # training probability of dropping text + timing tokens, per sample
     null_cond: str = "zeros"  # null tokens for CFG: "zeros" or "learned" (SA 1.0's learned null sequence)
 
     def __post_init__(self) -> None:
@@ -76,8 +75,6 @@ class DiffusionModelConfig:
             raise ValueError(f"diffusion.timing must be 'embedding' or 'fourier', got {self.timing!r}")
         if self.null_cond not in ("zeros", "learned"):
             raise ValueError(f"diffusion.null_cond must be 'zeros' or 'learned', got {self.null_cond!r}")
-        if not 0.0 <= self.cfg_dropout <= 1.0:
-            raise ValueError(f"diffusion.cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         global_dim = 2 * self.cond_token_dim if self.timing_global else 0
         if self.backbone == "unet":
             if self.unet is None:

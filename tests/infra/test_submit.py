@@ -19,9 +19,7 @@ def test_entrypoint_and_runtime_env_carry_no_secret():
     renv = submit.runtime_env(env)
     assert renv["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
     assert ".venv" in renv["excludes"] and renv["working_dir"] == str(REPO)
-    assert (
-        submit.entrypoint(["--", "longplay", "train", "clap", "x=1 y"]) == "python -m pipeline.cli train clap 'x=1 y'"
-    )
+    assert submit.entrypoint(["--", "longplay", "train", "clap", "x=1 y"]) == "python -m infra.cli train clap 'x=1 y'"
     with pytest.raises(ValueError):
         submit.entrypoint(["rm", "-rf", "/"])
 

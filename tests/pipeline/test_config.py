@@ -70,7 +70,7 @@ def test_misspelled_key_in_a_file_exits_2_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs/tiny/clap.yaml").read_text().replace("max_steps:", "max_stepz:"))
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "config", "validate", "train", str(bad)],
+        [sys.executable, "-m", "infra.cli", "config", "validate", "train", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -81,7 +81,7 @@ def test_misspelled_key_in_a_file_exits_2_naming_the_key(tmp_path):
 
 def test_bad_evaluate_setting_exits_2_naming_the_key():
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "evaluate", "m", "--prompts", "p", "steps=0"],
+        [sys.executable, "-m", "infra.cli", "evaluate", "m", "--prompts", "p", "steps=0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -100,7 +100,7 @@ def test_betas_outside_0_1_name_the_key(betas):
 
 def test_bad_betas_exit_2_in_the_cli():
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "config", "validate", "train", "configs/tiny/clap.yaml"]
+        [sys.executable, "-m", "infra.cli", "config", "validate", "train", "configs/tiny/clap.yaml"]
         + ["deepspeed.betas=[0.9, 1.0]"],
         capture_output=True,
         text=True,
@@ -157,7 +157,7 @@ def test_rules_across_sections_are_the_schemas(path, overrides, message):
         TrainConfig.model_validate(raw)
     assert load_config(TrainConfig, REPO / path, [*overrides, "scaling.use_gpu=true", "model.clap=m"])
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "config", "validate", "train", path, *overrides],
+        [sys.executable, "-m", "infra.cli", "config", "validate", "train", path, *overrides],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import generate
+from pipeline import components
 
 
 def test_generate_returns_exact_lengths_and_is_seeded(bundle_dir):
-    bundle = generate.load(str(bundle_dir))
+    bundle = components.load_bundle(str(bundle_dir))
     a, b = bundle.generate(["0 piano in C major", "3 organ in D major"], seconds=2.5, steps=3, seed=7)
     assert a.shape == b.shape == (2, 110250) and a.dtype == np.float32
     assert np.isfinite(a).all() and np.abs(a).max() <= 1.0
@@ -27,7 +27,7 @@ def test_generate_returns_exact_lengths_and_is_seeded(bundle_dir):
 
 
 def test_bad_requests_are_clear(bundle_dir):
-    bundle = generate.load(str(bundle_dir))
+    bundle = components.load_bundle(str(bundle_dir))
     with pytest.raises(ValueError, match="seconds"):
         bundle.generate(["x"], seconds=0)
     with pytest.raises(ValueError, match="sampler"):
@@ -35,19 +35,19 @@ def test_bad_requests_are_clear(bundle_dir):
     (bundle_dir / "broken").mkdir(exist_ok=True)
     (bundle_dir / "broken" / "config.json").write_text(json.dumps({"kind": "clap"}))
     with pytest.raises(ValueError, match="not a diffusion export"):
-        generate.load(str(bundle_dir / "broken"))
+        components.load_bundle(str(bundle_dir / "broken"))
 
 
 def test_cli_writes_44k_stereo_wavs_of_the_requested_length(bundle_dir, tmp_path):
     out = tmp_path / "one.wav"
-    cmd = [sys.executable, "-m", "pipeline.cli", "generate", str(bundle_dir), "solo piano", "--seconds", "1.5"]
+    cmd = [sys.executable, "-m", "infra.cli", "generate", str(bundle_dir), "solo piano", "--seconds", "1.5"]
     run = subprocess.run([*cmd, "--steps", "2", "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     audio, rate = sf.read(out, always_2d=True)
     assert rate == 44100 and audio.shape == (round(1.5 * 44100), 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("solo piano\nchurch organ\n")
-    cmd = [sys.executable, "-m", "pipeline.cli", "generate", str(bundle_dir), "--prompts", str(prompts)]
+    cmd = [sys.executable, "-m", "infra.cli", "generate", str(bundle_dir), "--prompts", str(prompts)]
     run = subprocess.run(
         [*cmd, "--seconds", "1", "--steps", "2", "-o", str(tmp_path / "batch")], capture_output=True, text=True
     )
@@ -61,13 +61,13 @@ def test_cli_writes_44k_stereo_wavs_of_the_requested_length(bundle_dir, tmp_path
 
 
 def test_load_clap_gives_the_frozen_clap_and_its_tokenizer(bundle_dir):
-    clap, tokenizer, config = generate.load_clap(str(bundle_dir / "clap"))  # what diffusion training loads too
+    clap, tokenizer, config = components.load_clap(str(bundle_dir / "clap"))  # what diffusion training loads too
     assert config["kind"] == "clap" and not clap.training
     assert not any(p.requires_grad for p in clap.parameters())
     ids, mask = tokenizer.encode_batch(["0 piano in C major"], max_length=clap.config.text.max_tokens)
     assert ids.shape == mask.shape and mask.sum() > 0
     with pytest.raises(ValueError, match=r"bundle\d*: not a clap export \(kind='diffusion'\)"):
-        generate.load_clap(str(bundle_dir))
+        components.load_clap(str(bundle_dir))
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_load_clap_gives_the_frozen_clap_and_its_tokenizer(bundle_dir):
 )
 def test_out_of_range_numbers_exit_2_naming_the_flag(flag, value, tmp_path, capsys):
     """Issue 15 item 14: checked before anything loads (the model path does not even exist), one line, exit 2."""
-    from pipeline import cli
+    from infra import cli
 
     argv = ["generate", str(tmp_path / "no-model"), "a prompt", "--seconds", "1", "-o", str(tmp_path / "x.wav")]
     assert cli.main([*argv, flag, value]) == 2
@@ -99,7 +99,7 @@ def test_out_of_range_numbers_exit_2_naming_the_flag(flag, value, tmp_path, caps
 
 def test_a_model_that_does_not_exist_exits_2_in_one_line(tmp_path, capsys):
     """Before: FileNotFoundError from download_model, a traceback."""
-    from pipeline import cli
+    from infra import cli
 
     missing = tmp_path / "no-model"
     assert cli.main(["generate", str(missing), "a prompt", "--seconds", "1", "-o", str(tmp_path / "x.wav")]) == 2
@@ -113,7 +113,7 @@ def test_the_training_demo_renders_what_generate_gives(bundle_dir, tmp_path):
     from pipeline.config import TrainConfig
     from train.diffusion import DEMO_CFG_SCALE, DEMO_STEPS, render_demos
 
-    bundle = generate.load(str(bundle_dir))
+    bundle = components.load_bundle(str(bundle_dir))
     cfg = TrainConfig.model_validate(
         {
             "kind": "diffusion",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline import shards, storage
+from pipeline.components import save_vae
 from pipeline.models.autoencoder import build_autoencoder
 
 CLASSES = [
@@ -90,7 +91,7 @@ def latent_dataset(local_stack) -> str:
     torch.manual_seed(0)
     vae = build_autoencoder("tiny")
     with tempfile.TemporaryDirectory() as tmp:
-        vae.save_pretrained(Path(tmp))
+        save_vae(vae, Path(tmp))
         for name in ("model.safetensors", "config.json"):
             storage.write_file(storage.join(vae_uri, name), Path(tmp) / name)
     return write_dataset(storage.join(prefix, "latents"), vae_uri)

@@ -58,5 +58,5 @@ def test_a_crashed_export_leaves_the_previous_one_whole(tmp_path, monkeypatch) -
     _export(cfg, 3.0)  # the next export completes: readers move to it at once
     got = download_model(str(tmp_path / "t" / "export"))
     assert (got / "extra.txt").read_text() == "export 3" and json.loads((got / "weights.json").read_text()) == [3, 3]
-    # readers of the plain files (Autoencoder.from_pretrained, preprocess --vae) find the newest whole copy too
+    # readers of the plain files (components.load_vae, preprocess --vae) find the newest whole copy too
     assert (tmp_path / "t" / "export" / "extra.txt").read_text() == "export 3"

@@ -48,7 +48,7 @@ def test_killed_run_relaunched_resumes_at_its_checkpoint(local_stack, latent_dat
     cfg["deepspeed"].update(micro_batch=8, lr=1e-3, warmup_steps=5, betas=[0.9, 0.98], decay="constant")
     path = tmp_path / "clap.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    argv = [sys.executable, "-m", "pipeline.cli", "train", "clap", "--config", str(path)]
+    argv = [sys.executable, "-m", "infra.cli", "train", "clap", "--config", str(path)]
 
     first = subprocess.Popen(argv, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600

@@ -14,7 +14,7 @@ def test_vae_trains_and_exports_a_loadable_autoencoder(
 ):
     import mlflow
 
-    from pipeline.models.autoencoder import Autoencoder
+    from pipeline.components import load_vae
     from train.launch import launch
 
     checkpoints = local_stack.s3_prefix("vae-checkpoints")
@@ -40,5 +40,5 @@ def test_vae_trains_and_exports_a_loadable_autoencoder(
         assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)] == [3, 6], key
     ckpt_files = list(storage.list_uris(storage.join(checkpoints, "t-vae")))
     assert any("/discriminator/" in u for u in ckpt_files)
-    vae = Autoencoder.from_pretrained(storage.join(checkpoints, "t-vae", "export"))
+    vae = load_vae(storage.join(checkpoints, "t-vae", "export"))
     assert vae.latent_channels == 16
