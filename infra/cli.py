@@ -58,6 +58,17 @@ def bounded(kind: type[int] | type[float], low: float | None = None, high: float
     return parse
 
 
+def device_flag(text: str) -> str:
+    """An argparse ``type`` for ``--device``: a torch device this machine has (``cuda`` without CUDA: exit 2, one
+    line); the default (no flag) is CUDA when available, else the CPU."""
+    from pipeline.components import resolve_device
+
+    try:
+        return str(resolve_device(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--device: ")) from None
+
+
 # --------------------------------------------------------------------------------- handlers of other stages
 def _data_demo(args: argparse.Namespace) -> int:
     from preprocess.demo_dataset import data_demo
@@ -171,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=bounded(int, 0, SEED_MAX), default=0, help="sampling seed")
     p.add_argument("--sampler", default="dpmpp-3m-sde", choices=list(SAMPLERS))
     p.add_argument("-o", "--output", required=True, help="F.wav (or a directory with --prompts)")
+    p.add_argument("--device", type=device_flag, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p = command(sub, "evaluate", _evaluate, "generate for a prompt file, then the metrics")
     p.add_argument("model", help="bundle: local dir, s3:// prefix or models:/name@alias")
     p.add_argument("--prompts", required=True, help=".jsonl rows {id, prompt, seconds} or one prompt per line")
     p.add_argument("--reference", help="audio shards (preprocess --vae none) or a folder of audio files")
     p.add_argument("--out", help="where generated/*.wav and report.json go (default: a new temp dir)")
     p.add_argument("--config", help="evaluate YAML (steps, cfg_scale, sampler, embedder weights, ...)")
+    p.add_argument("--device", type=device_flag, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
     # config ----------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def load(uri: str):
-    """A trained bundle (local dir, s3:// prefix or ``models:/name@alias``) with ``.generate(prompts, seconds)``."""
+def load(uri: str, device=None):
+    """A trained bundle (local dir, s3:// prefix or ``models:/name@alias``) with ``.generate(prompts, seconds)``, on
+    ``device`` ("cpu", "cuda", "cuda:N"; default CUDA when available, else the CPU)."""
     from pipeline.components import load_bundle
 
-    return load_bundle(uri)
+    return load_bundle(uri, device)

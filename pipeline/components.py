@@ -40,6 +40,23 @@ TOKENIZER_FILE = "tokenizer.json"
 PRESET_SEED = 0  # "preset:NAME" means "preset:NAME@seed0": the seed its weights are initialised from
 
 
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """Where a stage runs: ``name`` ("cpu", "cuda", "cuda:1", ...), or CUDA when available and else the CPU.
+
+    Asking for CUDA on a machine without it is a ValueError whose message is one line (the CLI exits 2 with it)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: {name!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name} asked for, but CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {name} asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def parse_preset(uri: str) -> tuple[str, int]:
     """``preset:NAME`` or ``preset:NAME@seedN`` → (NAME, N), N defaulting to :data:`PRESET_SEED`."""
     name, at, seed = uri.removeprefix("preset:").partition("@seed")
@@ -104,29 +121,31 @@ def _config(directory: Path, kind: str, source: str) -> dict[str, Any]:
     return config
 
 
-def load_clap(uri: str) -> tuple[CLAP, CaptionTokenizer, dict[str, Any]]:
-    """A trained CLAP export (also a bundle's ``clap/``) → the frozen model (eval, no grads), its caption tokenizer
-    and its config."""
+def load_clap(uri: str, device: str | torch.device = "cpu") -> tuple[CLAP, CaptionTokenizer, dict[str, Any]]:
+    """A trained CLAP export (also a bundle's ``clap/``) → the frozen model (eval, no grads) on ``device``, its
+    caption tokenizer and its config."""
     directory = download_model(uri)
     config = _config(directory, "clap", source=uri)
     clap = build_clap(config["preset"], vocab_size=int(config["vocab_size"]))
     clap.load_state_dict(_weights(directory / WEIGHTS_FILE), strict=True)
     tokenizer = CaptionTokenizer.load(directory / TOKENIZER_FILE)
-    return clap.eval().requires_grad_(False), tokenizer, config
+    return clap.to(device).eval().requires_grad_(False), tokenizer, config
 
 
-def load_bundle(uri: str) -> Bundle:
-    """A bundle ready to generate: the diffusion export at ``uri`` with its ``clap/`` and ``autoencoder/``."""
+def load_bundle(uri: str, device: str | torch.device | None = None) -> Bundle:
+    """A bundle ready to generate: the diffusion export at ``uri`` with its ``clap/`` and ``autoencoder/``, all three
+    on one device (``device``; default CUDA when available, else the CPU: :func:`resolve_device`)."""
+    device = resolve_device(device)
     root = download_model(uri)
     config = _config(root, "diffusion", source=uri)
-    clap, tokenizer, _ = load_clap(str(root / "clap"))
+    clap, tokenizer, _ = load_clap(str(root / "clap"), device)
     diffusion = build_diffusion_model(config["preset"])
     _load_parameters(diffusion, _weights(root / WEIGHTS_FILE), root)
     return Bundle(
-        autoencoder=load_vae(str(root / "autoencoder")),
+        autoencoder=load_vae(str(root / "autoencoder"), device),
         clap=clap,
         tokenizer=tokenizer,
-        diffusion=diffusion.eval(),
+        diffusion=diffusion.to(device).eval(),
         config=config,
     )
 

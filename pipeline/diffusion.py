@@ -157,6 +157,15 @@ SCHEDULES = {"loglinear": sigmas_loglinear, "karras": sigmas_karras}
 # Samplers: (denoiser, x at sigmas[0], sigmas) -> x at sigmas[-1] = 0
 
 
+def randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise on ``device``, drawn where ``generator`` lives (the CPU for a seeded :func:`sample`):
+    a seed then gives the same noise on every device, and a GPU run can be checked against a CPU one."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def _at(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.to(x.dtype).expand(x.shape[0])  # (B,)
 
@@ -238,7 +247,7 @@ def sample_dpmpp_3m_sde(
         elif len(h_prev) == 1:
             x = x + phi_2 * (denoised - d_prev[0]) / (h_prev[0] / h)
         if eta > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn(x.shape, generator, x.device, x.dtype)
             x = x + z * s_next * torch.sqrt(-torch.expm1(-2 * eta * h)) * s_noise
         d_prev, h_prev = [denoised, *d_prev][:2], [h, *h_prev][:2]
     return x
@@ -273,7 +282,8 @@ def sample(
             (stable-audio-tools' defaults: 0.03 and 500).
         schedule: "loglinear" (evenly spaced in log s, stable-audio-tools' rho=1 polyexponential) or "karras".
         seed: makes the initial noise and the SDE noise reproducible (ignored when ``generator`` is given).
-        generator: a torch.Generator on ``device``; None and no seed = the global RNG.
+        generator: a torch.Generator (on any device: noise is drawn there and moved); None and no seed = the global
+            RNG. A ``seed`` makes a CPU generator, so a seed gives the same starting noise on every device.
     Returns:
         latents x0 (B, C, T).
     """
@@ -284,7 +294,7 @@ def sample(
     if steps < 1 or not 0 < sigma_min < sigma_max:
         raise ValueError(f"need steps >= 1 and 0 < sigma_min < sigma_max, got {steps}, {sigma_min}, {sigma_max}")
     if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
     sigmas = SCHEDULES[schedule](steps, sigma_min, sigma_max, device=device)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * sigmas[0]
+    x = randn(shape, generator, device, dtype) * sigmas[0]
     return SAMPLERS[sampler](VDenoiser(model_fn), x, sigmas, generator=generator)

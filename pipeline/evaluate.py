@@ -135,7 +135,10 @@ def embedders_for(bundle: Any, cfg: EvaluateConfig):
     from pipeline.embedders import EmbedderPaths, ProjectClap, select_embedders
 
     paths = EmbedderPaths(**{k: Path(v) if v else None for k, v in cfg.embedders.model_dump().items()})
-    project = ProjectClap(bundle.autoencoder, bundle.clap, bundle.tokenizer, name=clap_embedder_name(bundle))
+    # On the bundle's device: ProjectClap moves the VAE and CLAP it is given, and generation still needs them there.
+    project = ProjectClap(
+        bundle.autoencoder, bundle.clap, bundle.tokenizer, name=clap_embedder_name(bundle), device=str(bundle.device)
+    )
     return select_embedders(paths, project_clap=project)
 
 
@@ -175,9 +178,15 @@ def generate_all(bundle: Any, prompts: list[Prompt], cfg: EvaluateConfig, out_di
 
 
 def evaluate_model(
-    model: str, prompts_path: str, reference: str | None, out_dir: str | Path, cfg: EvaluateConfig
+    model: str,
+    prompts_path: str,
+    reference: str | None,
+    out_dir: str | Path,
+    cfg: EvaluateConfig,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Generate, measure, write ``report.json`` and log to MLflow; returns the report as a dict."""
+    """Generate, measure, write ``report.json`` and log to MLflow; returns the report as a dict. The bundle runs on
+    ``device`` (default CUDA when available, else the CPU)."""
     from pipeline.components import load_bundle
     from pipeline.embedders import evaluate
 
@@ -187,7 +196,7 @@ def evaluate_model(
     if refs is not None and not {p.id for p in prompts} & set(refs):
         log.warning("no prompt id matches a reference id: KL (paired by id) will not be computed, FD will")
     # Everything that can fail before the (long) generation does: the model, the embedders, the output folder.
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, device)
     embedders = embedders_for(bundle, cfg)
     shutil.rmtree(out_dir / "generated", ignore_errors=True)  # a reused --out never mixes in older files
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +266,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """The CLI handler: prints the table (stderr: where the files are) and exits 0."""
     cfg = load_config(EvaluateConfig, args.config, list(args.overrides))
     out_dir = args.out or tempfile.mkdtemp(prefix="longplay-eval-")
-    result = evaluate_model(args.model, args.prompts, args.reference, out_dir, cfg)
+    result = evaluate_model(args.model, args.prompts, args.reference, out_dir, cfg, getattr(args, "device", None))
     print(result["table"])
     print(f"report: {Path(out_dir) / 'report.json'}", file=sys.stderr)
     if result["mlflow_run_id"]:
