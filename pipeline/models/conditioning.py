@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.diffusion import cfg_model_fn
+from pipeline.diffusion import cfg_batched_model_fn, cfg_model_fn
 from pipeline.models.dit import DIT_PRESETS, DiT, DiTConfig
 from pipeline.models.unet import UNET_PRESETS, LearnedTimeFeatures, UNet1d, UNetConfig
 
@@ -158,7 +158,7 @@ class ConditionedDiffusionModel(nn.Module):
         seconds_start: torch.Tensor,
         seconds_total: torch.Tensor,
         cfg_dropout: float = 0.0,
-        uncond: bool = False,
+        uncond: bool | torch.Tensor = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Predict v for noisy latents.
@@ -168,14 +168,17 @@ class ConditionedDiffusionModel(nn.Module):
             text_tokens: (B, L, D) text features; text_mask: (B, L) bool, True = real token.
             seconds_start, seconds_total: (B,) float seconds.
             cfg_dropout: probability, per sample, of replacing the cross-attention tokens by the null ones (training).
-            uncond: use the null tokens for every sample (the unconditional branch of CFG).
+            uncond: use the null tokens for every sample (the unconditional branch of CFG), or for the samples a
+                (B,) bool tensor marks (both branches of CFG in one batch).
             generator: RNG for the dropout draw.
         Returns:
             v (B, C, T).
         """
         tokens, mask, global_cond = self.conditioning(text_tokens, text_mask, seconds_start, seconds_total)
         B = tokens.shape[0]
-        if uncond:
+        if isinstance(uncond, torch.Tensor):
+            drop = uncond.to(tokens.device)
+        elif uncond:
             drop = torch.ones(B, dtype=torch.bool, device=tokens.device)
         elif cfg_dropout > 0.0:
             rng_device = generator.device if generator is not None else tokens.device
@@ -195,8 +198,12 @@ def guided_model_fn(
     seconds_start: torch.Tensor,
     seconds_total: torch.Tensor,
     cfg_scale: float = 1.0,
+    batched: bool = True,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Bind conditioning (and CFG at ``cfg_scale``) into a ``model_fn(x_t, t) -> v`` for ``pipeline.diffusion``."""
+    """Bind conditioning (and CFG at ``cfg_scale``) into a ``model_fn(x_t, t) -> v`` for ``pipeline.diffusion``.
+
+    CFG runs the conditional and unconditional branches as one forward of the batch [cond; uncond] (``batched``),
+    or, with ``batched=False``, as two calls (the reference the batched form is tested against)."""
 
     def branch(uncond: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -204,11 +211,32 @@ def guided_model_fn(
 
         return fn
 
-    return cfg_model_fn(branch(False), branch(True), cfg_scale)
+    if cfg_scale == 1.0 or not batched:
+        return cfg_model_fn(branch(False), branch(True), cfg_scale)
+    B = text_tokens.shape[0]
+    tokens, mask = torch.cat([text_tokens, text_tokens]), torch.cat([text_mask, text_mask])  # (2B, L, D), (2B, L)
+    start, total = torch.cat([seconds_start, seconds_start]), torch.cat([seconds_total, seconds_total])  # (2B,)
+    null = torch.arange(2 * B, device=text_tokens.device) >= B  # the second half is the unconditional branch
+
+    def paired(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t, tokens, mask, start, total, uncond=null)
+
+    return cfg_batched_model_fn(paired, cfg_scale)
 
 
-def build_diffusion_model(preset: str) -> ConditionedDiffusionModel:
-    """A freshly initialised model for a preset name ("tiny", "sa1", "sa-open")."""
+def build_diffusion_model(
+    preset: str, activation_checkpointing: bool = False, compile_backbone: bool = False
+) -> ConditionedDiffusionModel:
+    """A freshly initialised model for a preset name ("tiny", "sa1", "sa-open").
+
+    ``activation_checkpointing`` recomputes every backbone block's activations in backward (training memory);
+    ``compile_backbone`` compiles the backbone with ``torch.compile`` in place (parameter names unchanged)."""
     if preset not in DIFFUSION_PRESETS:
         raise ValueError(f"unknown diffusion preset {preset!r}; choose from {sorted(DIFFUSION_PRESETS)}")
-    return ConditionedDiffusionModel(copy.deepcopy(DIFFUSION_PRESETS[preset]))
+    cfg = copy.deepcopy(DIFFUSION_PRESETS[preset])
+    backbone_cfg = cfg.unet if cfg.backbone == "unet" else cfg.dit
+    backbone_cfg.activation_checkpointing = activation_checkpointing  # type: ignore[union-attr]
+    model = ConditionedDiffusionModel(cfg)
+    if compile_backbone:
+        model.backbone.compile()
+    return model

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.attention import Attention, rotary_cos_sin
+from pipeline.models.attention import Attention, checkpointed, rotary_cos_sin
 
 
 @dataclass
@@ -41,6 +41,7 @@ class DiTConfig:
     rotary_base: float = 10000.0  # rotary frequency base
     norm_eps: float = 1e-5  # LayerNorm epsilon
     use_cross_attn_mask: bool = True  # False = attend to padded tokens too (Open was trained that way)
+    activation_checkpointing: bool = False  # training: recompute each block's activations in backward (less memory)
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -196,6 +197,6 @@ class DiT(nn.Module):
         h = torch.cat([global_embed[:, None, :].to(h.dtype), h], dim=1)  # (B, 1+T, D), global token first
         rotary = rotary_cos_sin(T + 1, self.cfg.rotary_dim, self.cfg.rotary_base, device=h.device)
         for block in self.blocks:
-            h = block(h, context, mask, rotary)
+            h = checkpointed(self.cfg.activation_checkpointing, block, h, context, mask, rotary)
         out = self.project_out(h[:, 1:]).transpose(1, 2)  # (B, C, T)
         return self.postprocess_conv(out) + out

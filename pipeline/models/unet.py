@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.attention import Attention
+from pipeline.models.attention import Attention, checkpointed
 
 
 @dataclass
@@ -42,6 +42,7 @@ class UNetConfig:
     context_dim: int = 768  # width of the cross-attention tokens (text + timing)
     global_cond_dim: int = 0  # width of optional global features added to the mapping; 0 = none (sa1)
     use_skip_scale: bool = True  # scale skips by 1/sqrt(2) before concatenation
+    activation_checkpointing: bool = False  # training: recompute each residual / transformer block's activations
 
     def __post_init__(self) -> None:
         levels = len(self.factors)
@@ -137,6 +138,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: UNetConfig, channels: int, depth: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.norm = nn.GroupNorm(cfg.attention_norm_groups, channels, eps=1e-6)
         self.proj_in = nn.Conv1d(channels, channels, 1)
         self.blocks = nn.ModuleList(
@@ -150,7 +152,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         h = self.proj_in(self.norm(x)).transpose(1, 2)  # (B, T, C)
         for block in self.blocks:
-            h = block(h, context, context_mask)
+            h = checkpointed(self.cfg.activation_checkpointing, block, h, context, context_mask)
         return self.proj_out(h.transpose(1, 2))  # (B, C, T)
 
 
@@ -192,6 +194,7 @@ class DownLevel(nn.Module):
 
     def __init__(self, cfg: UNetConfig, i: int, mapping_dim: int) -> None:
         super().__init__()
+        self.cfg = cfg
         c_in, c_out = cfg.channels * cfg.multipliers[i], cfg.channels * cfg.multipliers[i + 1]
         self.downsample = Downsample(c_in, c_out, cfg.factors[i], cfg.kernel_multiplier_downsample)
         self.blocks = nn.ModuleList(
@@ -205,7 +208,7 @@ class DownLevel(nn.Module):
         x = self.downsample(x)
         skips = []
         for block in self.blocks:
-            x = block(x, mapping)
+            x = checkpointed(self.cfg.activation_checkpointing, block, x, mapping)
             skips.append(x)
         if self.transformer is not None:
             x = self.transformer(x, context, context_mask)
@@ -218,6 +221,7 @@ class UpLevel(nn.Module):
 
     def __init__(self, cfg: UNetConfig, i: int, mapping_dim: int) -> None:
         super().__init__()
+        self.cfg = cfg
         c, c_out = cfg.channels * cfg.multipliers[i + 1], cfg.channels * cfg.multipliers[i]
         n_blocks = cfg.num_blocks[i] + (1 if cfg.attentions[i] else 0)  # one per skip of the down level
         self.skip_scale = 2**-0.5 if cfg.use_skip_scale else 1.0
@@ -234,7 +238,8 @@ class UpLevel(nn.Module):
         context_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         for block in self.blocks:
-            x = block(torch.cat([x, skips.pop() * self.skip_scale], dim=1), mapping)  # (B, 2c, T) → (B, c, T)
+            x_skip = torch.cat([x, skips.pop() * self.skip_scale], dim=1)  # (B, 2c, T)
+            x = checkpointed(self.cfg.activation_checkpointing, block, x_skip, mapping)  # (B, c, T)
         if self.transformer is not None:
             x = self.transformer(x, context, context_mask)
         return self.upsample(x)
@@ -297,10 +302,11 @@ class UNet1d(nn.Module):
         for down in self.downs:
             x, level_skips = down(x, mapping, cross_attn_cond, cross_attn_mask)
             skips.append(level_skips)
-        x = self.mid_block1(x, mapping)
+        every = self.cfg.activation_checkpointing
+        x = checkpointed(every, self.mid_block1, x, mapping)
         if self.mid_transformer is not None:
             x = self.mid_transformer(x, cross_attn_cond, cross_attn_mask)
-        x = self.mid_block2(x, mapping)
+        x = checkpointed(every, self.mid_block2, x, mapping)
         for up in self.ups:
             x = up(x, skips.pop(), mapping, cross_attn_cond, cross_attn_mask)
         x = x + in_skip
