@@ -173,6 +173,9 @@ class PreprocessConfig(Section):
         "SPREAD", description="Ray placement of the VAE actors: SPREAD over nodes, or Ray's DEFAULT (packs)"
     )
     chunk_seconds: float = Field(30.0, gt=0, description="chunked VAE encode window for long segments")
+    max_input_seconds: float = Field(
+        7200.0, gt=0, description="longer inputs are refused (errors.jsonl, too-long:), checked before decoding them"
+    )
     augment: AugmentSection = AugmentSection()
 
 

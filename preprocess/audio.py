@@ -27,9 +27,12 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from pipeline.config import PreprocessConfig
+
 SAMPLE_RATE = 44100
 BLOCK_FRAMES = 1 << 16
-MAX_INPUT_SECONDS = 2 * 3600.0  # longer inputs are refused: 2 h decodes to about 2.5 GB at 44.1 kHz stereo
+# Longer inputs are refused: 2 h decodes to about 2.5 GB at 44.1 kHz stereo. The job reads it from its config.
+MAX_INPUT_SECONDS = PreprocessConfig.model_fields["max_input_seconds"].default
 # Rates and channel counts no real recording has; outside them a header is lying (or the file is not audio), and
 # believing it costs unbounded memory: 1 Hz upsamples 44,100x, 65,535 channels make one block 17 GB.
 MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1000, 768_000

@@ -58,6 +58,7 @@ def fingerprint(items: list[InputItem], cfg: PreprocessConfig, vae: VaeSpec) -> 
         "vae_id": vae.vae_id,
         "vae_config_hash": vae.config_hash,
         "max_seconds": cfg.max_seconds,
+        "max_input_seconds": cfg.max_input_seconds,
         "samples_per_shard": cfg.samples_per_shard,
         "split": cfg.split,
         "augment": cfg.augment.model_dump(mode="json"),

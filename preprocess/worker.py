@@ -81,7 +81,7 @@ def _oserror_reason(exc: OSError) -> str:
     return f"{type(exc).__name__} ({exc.strerror or exc})"
 
 
-def load_input(item: InputItem) -> _Loaded:
+def load_input(item: InputItem, max_input_seconds: float) -> _Loaded:
     """Fetch, hash, read the caption, decode. A bad file or sidecar is recorded in ``error``; storage failures raise."""
     loaded = _Loaded(item=item, caption=item.caption or "", meta=dict(item.meta))
     if item.sidecar:
@@ -94,7 +94,7 @@ def load_input(item: InputItem) -> _Loaded:
     try:
         with fetch(item.uri) as (path, sha256, _):
             loaded.sha256 = sha256
-            loaded.decoded = audio.decode(path)
+            loaded.decoded = audio.decode(path, max_input_seconds)
     except FileNotFoundError:
         loaded.error = "missing: the file disappeared after listing"
     except UNREADABLE as exc:  # e.g. a manifest row naming a directory, a file we may not read
@@ -152,7 +152,7 @@ class ShardWorker:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
             futures: list[Future] = []
             for item in items:
-                futures.append(pool.submit(load_input, item))
+                futures.append(pool.submit(load_input, item, self.cfg.max_input_seconds))
                 if len(futures) > PREFETCH:
                     yield futures.pop(0).result()
             for future in futures:

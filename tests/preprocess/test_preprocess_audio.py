@@ -9,7 +9,12 @@ import pytest
 import soundfile as sf
 from preprocess_fixtures import write_mixed_inputs
 
+from pipeline.config import PreprocessConfig
 from preprocess import audio
+from preprocess.encode import resolve_vae
+from preprocess.job import fingerprint
+from preprocess.sources import InputItem
+from preprocess.worker import load_input
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,17 @@ def test_an_input_longer_than_max_input_seconds_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(audio, "BLOCK_FRAMES", 1000)
     with pytest.raises(audio.AudioError, match=r"^too-long: more than max_input_seconds \(2 s\)"):
         audio.decode(path, max_input_seconds=2.0)
-    assert audio.MAX_INPUT_SECONDS == 7200.0
+    assert audio.MAX_INPUT_SECONDS == PreprocessConfig().max_input_seconds == 7200.0
+
+
+def test_the_job_takes_max_input_seconds_from_its_config(tmp_path):
+    """preprocess.max_input_seconds reaches the decode of every input; the bound is part of the plan fingerprint."""
+    path = _wav(tmp_path / "long.wav", 3 * 8000, 8000)
+    item = InputItem(uri=path, key="long")
+    assert load_input(item, 4.0).error is None
+    assert load_input(item, 2.0).error.startswith("too-long: header declares 3 s, max_input_seconds is 2")
+    plans = [fingerprint([item], PreprocessConfig(max_input_seconds=s), resolve_vae("none")) for s in (2.0, 4.0)]
+    assert plans[0]["max_input_seconds"] == 2.0 and plans[0] != plans[1]
 
 
 def test_an_input_of_zero_samples_at_44k_is_an_empty_error(tmp_path):
