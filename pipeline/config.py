@@ -104,6 +104,10 @@ class ModelSection(Section):
     preset: PresetName = Field("tiny", description="model size preset")
     vae: str | None = Field(None, description="autoencoder URI (diffusion demo decode / VAE resume)")
     clap: str | None = Field(None, description="trained CLAP URI (diffusion conditioning)")
+    activation_checkpointing: bool = Field(
+        False, description="diffusion: recompute each U-Net / DiT block's activations in backward (less memory)"
+    )
+    compile: bool = Field(False, description="diffusion: torch.compile the backbone (faster GPU steps after a compile)")
 
 
 class VaeLossSection(Section):

@@ -31,7 +31,7 @@ from pipeline import shards as shard_format
 from pipeline.components import load_clap, save_vae
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, sample_t, v_loss
-from pipeline.generate import Bundle, write_wav
+from pipeline.generate import Bundle, inference_autocast, write_wav
 from pipeline.metrics import matched_and_shuffled, nonsilent_seconds
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.clap import CLAP
@@ -67,7 +67,8 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
     max_tokens = clap.config.text.max_tokens
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    engine = Engine(build_diffusion_model(cfg.model.preset), cfg, ctx.rank, ctx.world_size)
+    model = build_diffusion_model(cfg.model.preset, cfg.model.activation_checkpointing, cfg.model.compile)
+    engine = Engine(model, cfg, ctx.rank, ctx.world_size)
     vae, clap = vae.to(engine.device), clap.to(engine.device)  # frozen, beside the model they feed and decode for
     holdout = data.holdout(cfg, window, rate, silence)
 
@@ -81,7 +82,7 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             batch = loop.to_device({**batch, "ids": ids, "text_mask": text_mask}, engine.device)
             if progress.skip_nonfinite(batch["x"]):
                 continue
-            with torch.no_grad():  # the frozen CLAP's penultimate text layer: (B, L, D), (B, L)
+            with torch.no_grad(), inference_autocast(engine.device):  # frozen CLAP, bf16 on CUDA: (B, L, D), (B, L)
                 tokens, token_mask = clap.text_conditioning(batch["ids"], batch["text_mask"])
             loss = diffusion_loss(engine, batch, tokens, token_mask, cfg.cfg_dropout, engine.dtype)
             if progress.skip_nonfinite(loss):
@@ -193,10 +194,11 @@ def holdout_generation(
     encoded = tokenizer.encode_batch(captions, max_length=clap.config.text.max_tokens)
     ids, mask = (torch.from_numpy(a).to(device) for a in encoded)  # (n, L)
     seconds_total = torch.tensor(requested, device=device)
-    tokens, tmask = clap.text_conditioning(ids, mask)
-    fn = guided_model_fn(model, tokens, tmask, torch.zeros(n, device=device), seconds_total, DEMO_CFG_SCALE)
-    shape = (n, vae.latent_channels, window)
-    latents = sample(fn, shape, steps=DEMO_STEPS, seed=cfg.run.seed, device=device)  # (n, C, W)
+    with inference_autocast(device):  # as generation runs: bf16 on CUDA, the VAE decode in fp32
+        tokens, tmask = clap.text_conditioning(ids, mask)
+        fn = guided_model_fn(model, tokens, tmask, torch.zeros(n, device=device), seconds_total, DEMO_CFG_SCALE)
+        shape = (n, vae.latent_channels, window)
+        latents = sample(fn, shape, steps=DEMO_STEPS, seed=cfg.run.seed, device=device).float()  # (n, C, W)
     audio = vae.decode(latents).clamp(-1, 1).float().cpu().numpy()  # (n, 2, W·D)
     errors = [abs(nonsilent_seconds(a, vae.sample_rate) - s) for a, s in zip(audio, requested, strict=True)]
     frames = torch.arange(window, device=device)[None, :] < seconds_total[:, None] * rate  # (n, W) requested frames

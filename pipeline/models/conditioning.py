@@ -108,6 +108,18 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
         timing_global=True,
         max_text_tokens=32,
     ),
+    # the sa1 architecture (U-Net, per-second timing embeddings, learned null sequence) at the tiny size: CPU tests
+    # and `benchmarks/gpu.py --preset tiny`
+    "tiny-unet": DiffusionModelConfig(
+        backbone="unet",
+        unet=UNET_PRESETS["tiny"],
+        io_channels=16,
+        cond_token_dim=64,
+        timing="embedding",
+        timing_global=False,
+        null_cond="learned",
+        max_text_tokens=32,
+    ),
 }
 
 

@@ -15,29 +15,12 @@ import torch
 from pipeline.diffusion import sample, v_loss
 from pipeline.models import attention
 from pipeline.models.conditioning import DIFFUSION_PRESETS, build_diffusion_model, guided_model_fn
-from pipeline.models.unet import UNET_PRESETS
-
-TINY_UNET = dict(
-    backbone="unet",
-    unet=UNET_PRESETS["tiny"],
-    io_channels=16,
-    cond_token_dim=64,
-    timing="embedding",
-    timing_global=False,
-    null_cond="learned",
-    max_text_tokens=32,
-)
 
 
-@pytest.fixture(params=["dit", "unet"])
-def preset(request, monkeypatch):
-    """The tiny DiT preset, and a tiny U-Net one (the sa1 architecture at test size) registered for the test."""
-    if request.param == "unet":
-        from pipeline.models.conditioning import DiffusionModelConfig
-
-        monkeypatch.setitem(DIFFUSION_PRESETS, "tiny-unet", DiffusionModelConfig(**TINY_UNET))
-        return "tiny-unet"
-    return "tiny"
+@pytest.fixture(params=["tiny", "tiny-unet"])
+def preset(request):
+    """The tiny DiT and the tiny U-Net (the sa1 architecture at test size)."""
+    return request.param
 
 
 def _inputs(B: int = 3, T: int = 37, L: int = 5):
@@ -116,3 +99,15 @@ def test_batched_cfg_samples_what_two_calls_sample():
         fn = guided_model_fn(model, tokens, mask, start, total, cfg_scale=6.0, batched=batched)
         out[batched] = sample(fn, (1, 16, 40), steps=8, seed=5)
     torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+
+
+def test_the_training_config_keys_are_off_by_default():
+    from pipeline.config import ModelSection
+
+    assert ModelSection().activation_checkpointing is False and ModelSection().compile is False
+    fields = ModelSection.model_fields
+    assert "in backward" in fields["activation_checkpointing"].description
+    assert "torch.compile" in fields["compile"].description
+    model = build_diffusion_model("tiny", activation_checkpointing=True, compile_backbone=True)
+    assert model.backbone.cfg.activation_checkpointing and model.backbone._compiled_call_impl is not None
+    assert set(model.state_dict()) == set(build_diffusion_model("tiny").state_dict())  # names as exported
