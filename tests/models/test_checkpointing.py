@@ -111,3 +111,18 @@ def test_the_training_config_keys_are_off_by_default():
     model = build_diffusion_model("tiny", activation_checkpointing=True, compile_backbone=True)
     assert model.backbone.cfg.activation_checkpointing and model.backbone._compiled_call_impl is not None
     assert set(model.state_dict()) == set(build_diffusion_model("tiny").state_dict())  # names as exported
+
+
+def test_every_attention_runs_through_sdpa(preset, monkeypatch):
+    """Our attention is torch's scaled_dot_product_attention, which picks the flash / memory-efficient kernels on
+    CUDA: every self- and cross-attention of a forward goes through it (DiT: 2 blocks x 2; U-Net: 3 blocks x 2)."""
+    calls = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    )
+    model = build_diffusion_model(preset).eval()
+    x, tokens, mask, start, total, t, _ = _inputs()
+    with torch.no_grad():
+        model(x, t, tokens, mask, start, total)
+    assert len(calls) == (4 if preset == "tiny" else 6)

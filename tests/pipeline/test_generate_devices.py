@@ -98,3 +98,58 @@ def test_evaluation_keeps_the_bundle_on_its_device(bundle_dir, tmp_path, monkeyp
     with pytest.raises(Reached):
         evaluate.evaluate_model(str(bundle_dir), str(prompts), None, tmp_path / "out", EvaluateConfig(steps=2), "meta")
     assert_all_on(seen, "meta", at_least=6)
+
+
+def test_generate_and_evaluate_run_with_device_cpu(bundle_dir, tmp_path, monkeypatch):
+    """``longplay generate --device cpu`` and ``longplay evaluate --device cpu`` (in process, on the tiny bundle)."""
+    import soundfile as sf
+
+    from infra import cli
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    devices = []
+    real_load = components.load_bundle
+
+    def load_bundle(uri, device=None):
+        bundle = real_load(uri, device)
+        devices.append(str(bundle.device))
+        return bundle
+
+    monkeypatch.setattr(components, "load_bundle", load_bundle)
+    wav = tmp_path / "one.wav"
+    argv = ["generate", str(bundle_dir), "solo piano", "--seconds", "1", "--steps", "2", "-o", str(wav)]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    assert sf.info(wav).frames == 44100 and sf.info(wav).channels == 2
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("0 piano in C major\n")
+    argv = ["evaluate", str(bundle_dir), "--prompts", str(prompts), "--out", str(tmp_path / "eval"), "steps=2"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert [row["samples"] for row in report["files"]] == [round(10.0 * 44100)]  # the config's default 10 s
+    assert devices == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_device_cuda_without_cuda_exits_2_in_one_line(command, device, bundle_dir, tmp_path, capsys):
+    from infra import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = {
+        "generate": ["generate", str(bundle_dir), "x", "--seconds", "1", "-o", str(tmp_path / "x.wav")],
+        "evaluate": ["evaluate", str(bundle_dir), "--prompts", str(tmp_path / "p.txt")],
+    }[command]
+    assert cli.main([*argv, "--device", device]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"argument --device: {device} asked for, but CUDA is not available on this machine" in line, line
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_the_default_device_is_cuda_when_available_else_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert components.resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert components.resolve_device(None) == torch.device("cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        components.resolve_device("gpu0")
