@@ -233,7 +233,8 @@ def train_step(engine, micro_batch: int, frames: int, seconds: float) -> None:
 def largest_fitting(preset: Preset, diffusion_preset: str, frames: int, checkpointing: bool, device):
     """(engine, micro-batch): double the micro-batch until a step runs out of memory; the engine returned is fresh
     when one did (a failed step leaves partial state behind), and None if not even the first fits."""
-    engine, fits = new_engine(preset, diffusion_preset, preset.micro_batches[-1], checkpointing, device), None
+    engine = new_engine(preset, diffusion_preset, preset.micro_batches[-1], checkpointing, device)
+    fits, out_of_memory = None, False
     for micro_batch in preset.micro_batches:
         try:
             train_step(engine, micro_batch, frames, preset.seconds)
@@ -241,11 +242,13 @@ def largest_fitting(preset: Preset, diffusion_preset: str, frames: int, checkpoi
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
-            engine.close()
-            del engine
-            free(device)
-            return (new_engine(preset, diffusion_preset, fits, checkpointing, device), fits) if fits else (None, None)
-    return engine, fits
+            out_of_memory = True  # handled below, once the exception (and the activations it holds) is gone
+            break
+    if not out_of_memory:
+        return engine, fits
+    del engine
+    free(device)
+    return (new_engine(preset, diffusion_preset, fits, checkpointing, device), fits) if fits else (None, None)
 
 
 def bench_training(preset: Preset, device) -> list[dict]:
@@ -361,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts (the VAE decode) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     args.preset = args.preset or ("full" if device.type == "cuda" else "tiny")  # `make bench` on a CPU: seconds

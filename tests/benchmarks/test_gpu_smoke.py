@@ -73,3 +73,41 @@ def test_asking_for_cuda_without_it_exits_2_with_one_line(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "CUDA is not available" in out.stderr and not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.parametrize(("memory", "expected"), [(4, 4), (1, 1), (0, None), (99, 8)])
+def test_the_largest_micro_batch_is_found_by_doubling_until_out_of_memory(memory, expected, monkeypatch):
+    """The search that cannot run out of memory on a CPU, with a stand-in step that does at ``memory`` samples; after
+    an out-of-memory step the engine is a fresh one (the failed step left partial state)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_benchmark", gpu)  # dataclasses look their module up there
+    spec.loader.exec_module(gpu)
+    engines, steps = [], []
+
+    def new_engine(preset, name, micro_batch, checkpointing, device):
+        engines.append(micro_batch)
+        return f"engine{len(engines)}"
+
+    def train_step(engine, micro_batch, frames, seconds):
+        steps.append((engine, micro_batch))
+        if micro_batch > memory:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(gpu, "new_engine", new_engine)
+    monkeypatch.setattr(gpu, "train_step", train_step)
+    preset = gpu.Preset(95.0, 100, 7.0, {}, (1,), (1, 2, 4, 8), 3, "bf16")
+    engine, fits = gpu.largest_fitting(preset, "sa1", 4092, False, torch.device("cpu"))
+    assert fits == expected
+    tried = [b for b in (1, 2, 4, 8) if b <= min(memory * 2 or 1, 8)]
+    assert [b for _, b in steps] == tried
+    if memory >= 8:
+        assert (engine, engines) == ("engine1", [8])  # everything fitted: the first engine is kept
+    elif fits is None:
+        assert engine is None and engines == [8]
+    else:
+        assert (engine, engines) == ("engine2", [8, fits])
