@@ -55,6 +55,7 @@ def test_the_gpu_benchmark_runs_on_the_cpu_with_the_tiny_preset(tmp_path):
         ("sa-open", True),
     ]
     assert all(r["micro_batch"] == 2 and r["zero_stage"] == 2 for r in training)  # the largest tried fits on CPU
+    assert all(r["precision"] == "bf16" for r in training)  # DeepSpeed's bf16 engine, as on the GPU
     _numbers(training, ("step_s", "samples_per_s", "window_frames"))
 
     (vae,) = report["vae"]
