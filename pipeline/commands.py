@@ -77,7 +77,7 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError("--seconds: must be positive")
     if not _model_exists(args.model):
         raise UsageError(f"model: {args.model} not found")
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, args.device)
     outputs = []
     for i, prompt in enumerate(prompts):
         (audio,) = bundle.generate(

@@ -80,7 +80,11 @@ def encode(
         for length, indices in sorted(by_length.items()):
             for start in range(0, len(indices), batch_size):
                 group = indices[start : start + batch_size]
-                audio = torch.from_numpy(np.stack([pieces[i] for i in group])).to(device)  # (B, 2, n)
+                audio = torch.from_numpy(np.stack([pieces[i] for i in group]))  # (B, 2, n)
+                if torch.device(device).type == "cuda":  # a pinned copy goes over without blocking the host
+                    audio = audio.pin_memory().to(device, non_blocking=True)
+                else:
+                    audio = audio.to(device)
                 if length > chunk_seconds * SAMPLE_RATE:
                     latents = model.encode_chunked(audio, chunk_seconds=chunk_seconds)
                 else:

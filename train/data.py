@@ -319,8 +319,9 @@ def collate(crops: list[Crop]) -> dict[str, Any]:
     }
 
 
-def loader(dataset: ShardCrops, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches of :func:`collate`; workers get their own slot of the shard list (see :class:`ShardCrops`)."""
+def loader(dataset: ShardCrops, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of :func:`collate`; workers get their own slot of the shard list (see :class:`ShardCrops`).
+    ``pin_memory`` (on for GPU runs) lets the loop's ``to_device`` copy each batch without blocking."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -328,6 +329,7 @@ def loader(dataset: ShardCrops, batch_size: int, num_workers: int = 0) -> DataLo
         collate_fn=collate,
         persistent_workers=num_workers > 0,
         drop_last=dataset.infinite,
+        pin_memory=pin_memory,
     )
 
 
@@ -356,7 +358,7 @@ def batches_from(
             shuffle_buffer=cfg.data.shuffle_buffer,
             payload=payload,
         )
-        return iter(loader(dataset, cfg.deepspeed.micro_batch, cfg.data.num_loader_workers))
+        return iter(loader(dataset, cfg.deepspeed.micro_batch, cfg.data.num_loader_workers, cfg.scaling.use_gpu))
 
     return make
 

@@ -107,11 +107,12 @@ def test_generate_and_evaluate_run_with_device_cpu(bundle_dir, tmp_path, monkeyp
     from infra import cli
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    devices = []
+    asked, devices = [], []
     real_load = components.load_bundle
 
     def load_bundle(uri, device=None):
         bundle = real_load(uri, device)
+        asked.append(device)  # the flag reaches the loader (not its default, which is also the CPU here)
         devices.append(str(bundle.device))
         return bundle
 
@@ -126,7 +127,7 @@ def test_generate_and_evaluate_run_with_device_cpu(bundle_dir, tmp_path, monkeyp
     assert cli.main([*argv, "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert [row["samples"] for row in report["files"]] == [round(10.0 * 44100)]  # the config's default 10 s
-    assert devices == ["cpu", "cpu"]
+    assert asked == ["cpu", "cpu"] and devices == ["cpu", "cpu"]
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
