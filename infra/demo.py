@@ -56,7 +56,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(16.0, reference_pieces=10, vae_steps=800, clap_steps=600, diffusion_steps=1200, sampler_steps=50,
+    "full": Size(20.0, reference_pieces=20, vae_steps=800, clap_steps=600, diffusion_steps=2400, sampler_steps=50,
                  prefix="demo"),
     "quick": Size(2.0, reference_pieces=2, vae_steps=6, clap_steps=6, diffusion_steps=6, sampler_steps=4,
                   prefix="demo-quick"),

@@ -98,6 +98,14 @@ class DataSection(Section):
         None, description="preprocess OUT that holds holdout_split (default: data.shards itself)"
     )
     holdout_samples: int = Field(64, ge=1, description="held-out samples scored at each checkpoint (the first N)")
+    timing_crops: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="share of training crops cut to 1..window-1 whole seconds and padded with silence, as a file "
+        "of that length (diffusion: teaches where to stop when the data has few short files)",
+    )
 
 
 class ModelSection(Section):

@@ -74,13 +74,21 @@ def crop(
     pad_value: np.ndarray | float,
     rng: random.Random | None,
     key: str = "",
+    cut_seconds: int | None = None,
 ) -> Crop:
     """Cut a window of ``window`` frames out of ``x`` (C, T) at ``rate`` frames per second.
 
     ``rng`` None takes the window at frame 0 (evaluation); otherwise its start is uniform over every position that
     keeps the window inside the segment. ``pad_value`` (C,) or a scalar fills frames past the end of short segments.
+    ``cut_seconds`` (a timing crop, with ``rng``): a random ``cut_seconds``-long stretch of the segment becomes a
+    file of its own, ``seconds_start`` 0 and ``seconds_total`` ``cut_seconds``, padded to the window; a segment
+    shorter than that is cropped as usual.
     """
     channels, length = x.shape
+    cut = round(cut_seconds * rate) if cut_seconds is not None and rng is not None else length
+    if cut < min(length, window):
+        start = rng.randint(0, length - cut)  # type: ignore[union-attr]
+        x, length, meta = x[:, start : start + cut], cut, {**meta, "offset_seconds": 0.0, "seconds_total": cut_seconds}
     start = rng.randint(0, length - window) if rng is not None and length > window else 0
     part = x[:, start : start + window].astype(np.float32)
     real = part.shape[1]
@@ -143,6 +151,8 @@ class ShardCrops(IterableDataset):
         shuffle_buffer: samples in the shuffle buffer (0 = no shuffling, random crops still random).
         infinite: cycle forever (training) or read each shard of the slot once (evaluation, crops at frame 0).
         payload: ``"latents.npy"`` (latent shards) or ``"flac"`` (audio shards, for the VAE).
+        timing_crops: share of training crops cut to a random whole number of seconds shorter than the window
+            (1 to window - 1) and padded with silence, as a file of that length (see :func:`crop`).
     """
 
     def __init__(
@@ -158,6 +168,7 @@ class ShardCrops(IterableDataset):
         shuffle_buffer: int = 0,
         infinite: bool = True,
         payload: str = "latents.npy",
+        timing_crops: float = 0.0,
     ) -> None:
         super().__init__()
         if payload not in shard_format.PAYLOADS:
@@ -165,6 +176,7 @@ class ShardCrops(IterableDataset):
         self.urls, self.window, self.rate, self.pad_value = sorted(urls), window, rate, pad_value
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite, self.payload = shuffle_buffer, infinite, payload
+        self.timing_crops = timing_crops
 
     def _shard_stream(self, slot: int, slots: int) -> Iterator[str]:
         mine = slot_shards(self.urls, slot, slots)
@@ -202,7 +214,10 @@ class ShardCrops(IterableDataset):
             x = _decode_flac(sample["flac"])
         else:
             x = shard_format.npy_load(sample["latents.npy"])
-        return crop(x, meta, self.window, self.rate, self.pad_value, rng, key=key)
+        cut = None
+        if rng is not None and self.timing_crops > 0 and rng.random() < self.timing_crops:
+            cut = rng.randint(1, max(1, int(self.window / self.rate) - 1))  # whole seconds, shorter than the window
+        return crop(x, meta, self.window, self.rate, self.pad_value, rng, key=key, cut_seconds=cut)
 
     def __iter__(self) -> Iterator[Crop]:
         import webdataset as wds
@@ -357,6 +372,7 @@ def batches_from(
             seed=cfg.run.seed * 1_000_003 + start_step,
             shuffle_buffer=cfg.data.shuffle_buffer,
             payload=payload,
+            timing_crops=cfg.data.timing_crops,
         )
         return iter(loader(dataset, cfg.deepspeed.micro_batch, cfg.data.num_loader_workers, cfg.scaling.use_gpu))
 

@@ -68,6 +68,12 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_diffusion_model(cfg.model.preset, cfg.model.activation_checkpointing, cfg.model.compile)
+    frame_rate = model.cfg.timing_frame_rate  # the per-frame timing channel counts frames at the VAE's rate
+    if frame_rate > 0 and abs(frame_rate - rate) > 1e-6 * rate:
+        raise ValueError(
+            f"model.preset: {cfg.model.preset} counts timing frames at {frame_rate:g}/s, "
+            f"the shards' latents are {rate:g}/s"
+        )
     engine = Engine(model, cfg, ctx.rank, ctx.world_size)
     vae, clap = vae.to(engine.device), clap.to(engine.device)  # frozen, beside the model they feed and decode for
     holdout = data.holdout(cfg, window, rate, silence)

@@ -88,9 +88,11 @@ def _check_transformer(name: str, width: int, layers: int, heads: int, mlp_ratio
 
 CLAP_PRESETS: dict[str, ClapConfig] = {
     # CPU tests and the demo: ~0.23M parameters plus 64 per vocabulary entry (0.74M at an 8k vocabulary).
+    # Dropout 0.1 in both towers: on the demo's 77 training captions, held-out recall@1 among 10 pieces was 0.3-0.4
+    # at every checkpoint to 1000 steps with it, 0.1-0.3 without (single-process replays, docs/architecture.md).
     "tiny": ClapConfig(
-        text=TextEncoderConfig(width=64, layers=2, heads=2, max_tokens=32, dropout=0.0),
-        audio=AudioEncoderConfig(latent_channels=16, width=64, layers=2, heads=2, downsample=1, dropout=0.0),
+        text=TextEncoderConfig(width=64, layers=2, heads=2, max_tokens=32, dropout=0.1),
+        audio=AudioEncoderConfig(latent_channels=16, width=64, layers=2, heads=2, downsample=1, dropout=0.1),
         projection_dim=64,
     ),
     # The paper's VAE: 64 channels at 44100 / 1024 ≈ 43 latent frames/s; stride 4 gives ≈ 11 tokens/s.

@@ -13,11 +13,20 @@ the DiT's global token ("timing_global").
 Classifier-free guidance: with probability ``cfg_dropout`` per sample, all cross-attention tokens are replaced by the
 null conditioning (zeros, or SA 1.0's learned null sequence) and the mask by all-valid; the global timing vector is
 kept, as in stable-audio-tools. ``forward(..., uncond=True)`` gives the same null branch for sampling.
+
+Timing frames (``timing_frame_rate`` > 0; the ``tiny`` preset only, not in the paper): the same two values also
+become one per-frame input channel, 1 on the latent frames inside the requested audio, [0, seconds_total −
+seconds_start) seconds of the window, and 0 after, concatenated to the noisy latents (the DiT's ``input_concat``).
+The paper's models learn where to stop from the timing tokens alone; the 2-block DiT trained for CPU minutes did
+not (every 8 s window non-silent to its end whatever was asked, also with absolute positions or only short
+training crops), because reading "frame i is past the end" out of a global token is a comparison the tiny network
+never learned. The channel states it per frame; CFG keeps it in both branches, like the global timing vector.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +76,7 @@ class DiffusionModelConfig:
     timing_global: bool = True  # also pass [start ‖ total] (B, 2 cond_token_dim) as the backbone's global cond
     max_text_tokens: int = 77  # longest text token sequence (CLAP's context)
     null_cond: str = "zeros"  # null tokens for CFG: "zeros" or "learned" (SA 1.0's learned null sequence)
+    timing_frame_rate: float = 0.0  # latent frames/s; > 0 adds the per-frame "inside the requested length" channel
 
     def __post_init__(self) -> None:
         if self.backbone not in ("unet", "dit"):
@@ -84,6 +94,13 @@ class DiffusionModelConfig:
             if self.dit is None:
                 raise ValueError("diffusion.dit is required when backbone == 'dit'")
             got = (self.dit.io_channels, self.dit.cond_token_dim, self.dit.global_cond_dim)
+        if self.timing_frame_rate < 0 or (self.timing_frame_rate > 0 and self.backbone != "dit"):
+            raise ValueError("diffusion.timing_frame_rate: must be 0, or > 0 with the dit backbone")
+        concat = 1 if self.timing_frame_rate > 0 else 0
+        if self.backbone == "dit" and self.dit.input_concat_dim != concat:  # type: ignore[union-attr]
+            raise ValueError(
+                f"diffusion.dit.input_concat_dim must be {concat} with timing_frame_rate {self.timing_frame_rate}"
+            )
         if got != (self.io_channels, self.cond_token_dim, global_dim):
             raise ValueError(
                 f"diffusion.{self.backbone}: (channels, token dim, global dim) = {got}, expected "
@@ -101,12 +118,13 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
     # CPU tests and the demo: a 2-block DiT over 16-ch latents, 64-d tiny-CLAP text tokens
     "tiny": DiffusionModelConfig(
         backbone="dit",
-        dit=DIT_PRESETS["tiny"],
+        dit=dataclasses.replace(DIT_PRESETS["tiny"], input_concat_dim=1),
         io_channels=16,
         cond_token_dim=64,
         timing="fourier",
         timing_global=True,
         max_text_tokens=32,
+        timing_frame_rate=44100 / 1024,  # the tiny VAE's latent rate; see "Timing frames" above
     ),
     # the sa1 architecture (U-Net, per-second timing embeddings, learned null sequence) at the tiny size: CPU tests
     # and `benchmarks/gpu.py --preset tiny`
@@ -155,6 +173,16 @@ class ConditionedDiffusionModel(nn.Module):
         global_cond = torch.cat([start[:, 0], total[:, 0]], dim=-1) if self.cfg.timing_global else None
         return tokens, mask, global_cond
 
+    def timing_frames(
+        self, seconds_start: torch.Tensor, seconds_total: torch.Tensor, frames: int
+    ) -> torch.Tensor | None:
+        """(B, 1, frames): 1 where frame i starts inside [0, seconds_total - seconds_start) s, else 0; None when off."""
+        if self.cfg.timing_frame_rate <= 0:
+            return None
+        length = (seconds_total.float() - seconds_start.float()).clamp(min=0) * self.cfg.timing_frame_rate  # (B,)
+        index = torch.arange(frames, device=length.device, dtype=length.dtype)
+        return (index[None, :] < length[:, None] - 1e-4).float()[:, None, :]
+
     def null_conditioning(self, tokens: torch.Tensor) -> torch.Tensor:
         """The null token sequence for CFG, shaped like tokens (B, L+2, D)."""
         if self.null_tokens is None:
@@ -200,7 +228,10 @@ class ConditionedDiffusionModel(nn.Module):
         if drop is not None:
             tokens = torch.where(drop[:, None, None], self.null_conditioning(tokens), tokens)
             mask = mask | drop[:, None]  # the null sequence is attended to in full
-        return self.backbone(x, t, tokens, mask, global_cond)
+        frames = self.timing_frames(seconds_start, seconds_total, x.shape[-1])
+        if frames is None:
+            return self.backbone(x, t, tokens, mask, global_cond)
+        return self.backbone(x, t, tokens, mask, global_cond, input_concat=frames.to(x.device))
 
 
 def guided_model_fn(

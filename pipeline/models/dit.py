@@ -9,6 +9,10 @@ initialisation the model is a linear map of its input.
     t (B,) ─ Fourier ─ MLP ─ + MLP(global) ─ token┴ cat → (B, 1+T, D) ─ 24 x block(·, ctx) ─ drop token
                                                              ─ Linear → (B, C, T) ─ +conv1x1 → v (B, C, T)
 
+With ``input_concat_dim`` > 0, per-frame condition channels (B, Ci, T) are concatenated to x before the first 1x1
+conv (stable-audio-tools' ``input_concat_dim``); the tiny preset's timing frames use it (see
+``pipeline.models.conditioning``).
+
 Parameter names mirror the structure; ``pipeline.weights.dit`` maps diffusers' ``StableAudioDiTModel`` and
 stable-audio-tools' ``DiffusionTransformer`` onto them.
 """
@@ -41,6 +45,7 @@ class DiTConfig:
     rotary_base: float = 10000.0  # rotary frequency base
     norm_eps: float = 1e-5  # LayerNorm epsilon
     use_cross_attn_mask: bool = True  # False = attend to padded tokens too (Open was trained that way)
+    input_concat_dim: int = 0  # per-frame condition channels concatenated to x (stable-audio-tools' input_concat)
     activation_checkpointing: bool = False  # training: recompute each block's activations in backward (less memory)
 
     def __post_init__(self) -> None:
@@ -53,7 +58,10 @@ class DiTConfig:
             raise ValueError(f"dit: rotary_dim must be even and <= head_dim ({head_dim}), got {self.rotary_dim}")
         if self.timestep_features_dim % 2:
             raise ValueError(f"dit: timestep_features_dim must be even, got {self.timestep_features_dim}")
-        if min(self.io_channels, self.depth, self.cond_token_dim, self.cross_attn_dim) < 1 or self.global_cond_dim < 0:
+        if (
+            min(self.io_channels, self.depth, self.cond_token_dim, self.cross_attn_dim) < 1
+            or min(self.global_cond_dim, self.input_concat_dim) < 0
+        ):
             raise ValueError("dit: io_channels, depth, cond_token_dim, cross_attn_dim must be >= 1")
 
     @property
@@ -141,14 +149,15 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, C = cfg.embed_dim, cfg.io_channels
+        Ci = C + cfg.input_concat_dim  # input width: the latents, then the per-frame condition channels
         self.time_features = FourierFeatures(cfg.timestep_features_dim)
         self.to_timestep_embed = nn.Sequential(
             nn.Linear(cfg.timestep_features_dim, D), nn.SiLU(), nn.Linear(D, D)
         )  # biased, unlike the conditioning MLPs (as in Stable Audio Open)
         self.to_cond_embed = _mlp(cfg.cond_token_dim, cfg.cross_attn_dim, bias=False)
         self.to_global_embed = _mlp(cfg.global_cond_dim, D, bias=False) if cfg.global_cond_dim > 0 else None
-        self.preprocess_conv = nn.Conv1d(C, C, 1, bias=False)
-        self.project_in = nn.Linear(C, D, bias=False)
+        self.preprocess_conv = nn.Conv1d(Ci, Ci, 1, bias=False)
+        self.project_in = nn.Linear(Ci, D, bias=False)
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.project_out = nn.Linear(D, C, bias=False)
         self.postprocess_conv = nn.Conv1d(C, C, 1, bias=False)
@@ -171,6 +180,7 @@ class DiT(nn.Module):
         cross_attn_cond: torch.Tensor,
         cross_attn_mask: torch.Tensor | None = None,
         global_cond: torch.Tensor | None = None,
+        input_concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict v.
 
@@ -180,6 +190,7 @@ class DiT(nn.Module):
             cross_attn_cond: conditioning tokens (B, L, cond_token_dim).
             cross_attn_mask: (B, L) bool, True = real token; ignored if ``use_cross_attn_mask`` is False.
             global_cond: (B, global_cond_dim) or None (= no global conditioning beyond t).
+            input_concat: (B, input_concat_dim, T) per-frame conditions, required when ``input_concat_dim`` > 0.
         Returns:
             v prediction (B, C, T).
         """
@@ -192,7 +203,14 @@ class DiT(nn.Module):
         context = self.to_cond_embed(cross_attn_cond)  # (B, L, Dc)
         mask = cross_attn_mask if self.cfg.use_cross_attn_mask else None
 
-        x = self.preprocess_conv(x) + x  # (B, C, T)
+        if self.cfg.input_concat_dim:
+            if input_concat is None or input_concat.shape != (B, self.cfg.input_concat_dim, T):
+                got = None if input_concat is None else tuple(input_concat.shape)
+                raise ValueError(f"this DiT takes input_concat of shape {(B, self.cfg.input_concat_dim, T)}, got {got}")
+            x = torch.cat([x, input_concat.to(x.dtype)], dim=1)  # (B, C + Ci, T)
+        elif input_concat is not None:
+            raise ValueError("this DiT has input_concat_dim=0 but got input_concat")
+        x = self.preprocess_conv(x) + x  # (B, C [+ Ci], T)
         h = self.project_in(x.transpose(1, 2))  # (B, T, D)
         h = torch.cat([global_embed[:, None, :].to(h.dtype), h], dim=1)  # (B, 1+T, D), global token first
         rotary = rotary_cos_sin(T + 1, self.cfg.rotary_dim, self.cfg.rotary_base, device=h.device)

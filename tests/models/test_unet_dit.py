@@ -206,3 +206,42 @@ def test_tiny_model_overfits_one_batch(config: DiffusionModelConfig) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, losses
+
+
+def test_timing_frames_mark_the_requested_length_and_reach_the_dit() -> None:
+    """The tiny preset's per-frame timing channel: 1 on the frames that start inside [0, total - start) seconds, 0
+    after; it goes into the DiT as an input channel, so only the frames whose mark changes see a different input."""
+    model = build_diffusion_model("tiny").eval()
+    rate = model.cfg.timing_frame_rate
+    assert rate == 44100 / 1024 and model.backbone.cfg.input_concat_dim == 1
+    frames = model.timing_frames(torch.tensor([0.0, 10.0, 0.0, 5.0]), torch.tensor([3.0, 12.0, 8.0, 4.0]), 345)
+    assert frames.shape == (4, 1, 345)
+    # 3 s = 132300 samples = 129.2 latent frames of 1024 samples: 130 frames hold audio (the crop's mask agrees)
+    assert frames[:, 0].sum(-1).tolist() == [130.0, 87.0, 345.0, 0.0]
+    assert frames[0, 0, :130].all() and not frames[0, 0, 130:].any()
+    # the channel reaches the network: with its projection set, 3 s and 8 s differ from frame 130 on
+    torch.manual_seed(0)
+    for p in model.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    torch.nn.init.zeros_(model.seconds_total.proj.weight)  # the timing token and global vector ignore the total
+    torch.nn.init.zeros_(model.seconds_total.proj.bias)
+    x, t, text, mask = _inputs(1, 16, 200, 5, 64)
+    with torch.no_grad():
+        three, eight = (model(x, t, text, mask, torch.zeros(1), torch.tensor([s])) for s in (3.0, 8.0))
+    assert not torch.allclose(three, eight)
+    # self-attention mixes frames, so the change spreads; the first frames' inputs are the same either way
+    with torch.no_grad():
+        h3, h8 = (
+            model.backbone.preprocess_conv(
+                torch.cat([x, model.timing_frames(torch.zeros(1), torch.tensor([s]), 200)], 1)
+            )
+            for s in (3.0, 8.0)
+        )
+    torch.testing.assert_close(h3[..., :130], h8[..., :130])
+    assert not torch.allclose(h3[..., 130:], h8[..., 130:])
+    with pytest.raises(ValueError, match="input_concat"):
+        model.backbone(x, t, text, mask, torch.zeros(1, 128))  # the tiny DiT needs its frame channel
+    with pytest.raises(ValueError, match="timing_frame_rate"):
+        dataclasses.replace(TINY_UNET, timing_frame_rate=10.0)  # a DiT input channel: dit backbone only
+    with pytest.raises(ValueError, match="input_concat_dim"):
+        dataclasses.replace(DIFFUSION_PRESETS["tiny"], timing_frame_rate=0.0)

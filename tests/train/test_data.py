@@ -155,3 +155,50 @@ def test_a_slot_with_no_readable_sample_stops_with_a_clear_error(tmp_path) -> No
         _truncate(uri, 0.05)
     with pytest.raises(ValueError, match="no readable sample"):
         next(iter(data.ShardCrops(urls, window=32, rate=RATE, seed=1)))
+
+
+def test_a_timing_crop_is_a_short_file_of_whole_seconds(tmp_path) -> None:
+    """``cut_seconds``: a random stretch of that many whole seconds becomes a file of its own (start 0, total = the
+    cut), padded with silence to the window; ``data.timing_crops`` is the share of training crops cut so."""
+    x = np.arange(10 * 100, dtype=np.float32).reshape(10, 100)  # 100 frames at 10 frames/s: a 10 s segment
+    rng = random.Random(0)
+    starts = set()
+    for _ in range(40):
+        c = data.crop(x, meta(offset=30.0, total=95.0), window=60, rate=10.0, pad_value=-1.0, rng=rng, cut_seconds=3)
+        start = int(c.x[0, 0])
+        starts.add(start)
+        assert c.mask.tolist() == [True] * 30 + [False] * 30
+        np.testing.assert_array_equal(c.x[2, :30], x[2, start : start + 30])
+        assert (c.x[:, 30:] == -1.0).all() and c.seconds_start == 0.0 and c.seconds_total == 3.0
+    assert len(starts) > 10 and max(starts) <= 70  # anywhere in the segment
+    short = data.crop(
+        x[:, :20], meta(offset=0.0, total=2.0), window=60, rate=10.0, pad_value=0.0, rng=rng, cut_seconds=5
+    )
+    assert short.mask.sum() == 20 and short.seconds_total == 2.0  # a segment shorter than the cut is left whole
+    evaluation = data.crop(
+        x, meta(offset=30.0, total=95.0), window=60, rate=10.0, pad_value=0.0, rng=None, cut_seconds=3
+    )
+    assert evaluation.mask.all() and evaluation.seconds_total == 95.0  # evaluation crops are never cut
+
+    samples = [
+        shards.Sample(
+            key=f"s0_{i}", meta={**meta(0.0, 12.0), "latent_rate": RATE}, latents=np.ones((4, 500), np.float16)
+        )
+        for i in range(4)
+    ]  # 11.6 s segments of a 12 s file
+    stats = [shards.write_shard(str(tmp_path), shards.shard_name("train", 0), samples)]
+    shards.write_index(
+        str(tmp_path), vae_id="x", vae_config_hash="x", latent_channels=4, latent_rate=RATE, shards=stats, errors=[]
+    )
+    urls = shards.shard_uris(str(tmp_path), "train")
+
+    def crops(share: float) -> list[data.Crop]:
+        stream = data.ShardCrops(urls, window=345, rate=RATE, seed=1, timing_crops=share)  # 8 s windows
+        return list(itertools.islice(iter(stream), 200))
+
+    assert {c.seconds_total for c in crops(0.0)} == {12.0}
+    cut = crops(1.0)
+    assert {c.seconds_total for c in cut} == {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0}  # whole seconds under the window
+    assert all(c.mask.sum() == round(c.seconds_total * RATE) and c.seconds_start == 0.0 for c in cut)
+    share = sum(c.seconds_total < 12.0 for c in crops(0.5)) / 200
+    assert 0.35 < share < 0.65

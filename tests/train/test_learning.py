@@ -7,6 +7,7 @@ never ends on time (a loss masked to the real frames never sees the silence afte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import torch
 from pipeline.config import TrainConfig, load_config
 from pipeline.diffusion import sample
 from pipeline.models.autoencoder import build_autoencoder
-from pipeline.models.conditioning import build_diffusion_model, guided_model_fn
+from pipeline.models.conditioning import DIFFUSION_PRESETS, ConditionedDiffusionModel, guided_model_fn
 from pipeline.reconstruction import reconstruction_metrics
 from train.diffusion import diffusion_loss
 from train.vae_losses import stereo_stft_loss
@@ -87,7 +88,8 @@ def test_diffusion_learns_to_end_on_time() -> None:
     and fills the frames before it."""
     rate, window = 10.0, 40  # latent frames per second, 4 s windows
     torch.manual_seed(0)
-    model = build_diffusion_model("tiny")
+    # the tiny preset, its per-frame timing channel counting frames at this test's rate
+    model = ConditionedDiffusionModel(dataclasses.replace(DIFFUSION_PRESETS["tiny"], timing_frame_rate=rate))
     channels, token_dim = model.cfg.io_channels, model.cfg.cond_token_dim
     pattern = torch.randn(channels, window)
 
