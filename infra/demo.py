@@ -295,10 +295,15 @@ def spectrograms(files: list[dict[str, Any]], reference: Path, out: Path) -> lis
 
 
 def _evaluate(model: str, prompts: Path, reference: str, demo_dir: Path, size: Size) -> dict[str, Any]:
-    from pipeline.config import EvaluateConfig
+    from pipeline.config import EvaluateConfig, TrainConfig, load_config
     from pipeline.evaluate import evaluate_model
 
-    cfg = EvaluateConfig(steps=size.sampler_steps, experiment=EXPERIMENT, run_name=f"{size.prefix}-evaluate")
+    # The guidance the tiny recipe samples with (sample_cfg_scale, 1: at CFG 6 its generations run past the
+    # requested length; docs/architecture.md, "Models that learn").
+    scale = load_config(TrainConfig, REPO / "configs" / "tiny" / "diffusion.yaml", []).sample_cfg_scale
+    cfg = EvaluateConfig(
+        steps=size.sampler_steps, cfg_scale=scale, experiment=EXPERIMENT, run_name=f"{size.prefix}-evaluate"
+    )
     return evaluate_model(model, str(prompts), reference, demo_dir, cfg)
 
 

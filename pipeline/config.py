@@ -150,6 +150,9 @@ class TrainConfig(Section):
         default_factory=lambda: [2.0, 4.0, 6.0, 8.0],
         description="diffusion: lengths requested for the held-out captions (cycled) when timing is scored",
     )
+    sample_cfg_scale: float = Field(
+        6.0, ge=0, allow_inf_nan=False, description="diffusion: CFG scale of the demo and held-out generations"
+    )
     vae: VaeLossSection = VaeLossSection()
 
     # Rules across sections: checked when the config loads, so `longplay train`, the demo and a Ray worker all see

@@ -45,7 +45,6 @@ from train.loop import RankContext
 log = logging.getLogger(__name__)
 
 DEMO_STEPS = 25  # sampler steps for demos: enough to hear the model, cheap next to training
-DEMO_CFG_SCALE = 6.0
 
 
 def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str, Any]:
@@ -202,7 +201,7 @@ def holdout_generation(
     seconds_total = torch.tensor(requested, device=device)
     with inference_autocast(device):  # as generation runs: bf16 on CUDA, the VAE decode in fp32
         tokens, tmask = clap.text_conditioning(ids, mask)
-        fn = guided_model_fn(model, tokens, tmask, torch.zeros(n, device=device), seconds_total, DEMO_CFG_SCALE)
+        fn = guided_model_fn(model, tokens, tmask, torch.zeros(n, device=device), seconds_total, cfg.sample_cfg_scale)
         shape = (n, vae.latent_channels, window)
         latents = sample(fn, shape, steps=DEMO_STEPS, seed=cfg.run.seed, device=device).float()  # (n, C, W)
     audio = vae.decode(latents).clamp(-1, 1).float().cpu().numpy()  # (n, 2, W·D)
@@ -228,7 +227,7 @@ def render_demos(bundle: Bundle, cfg: TrainConfig, out: Path) -> list[Path]:
     for p, prompt in enumerate(cfg.demo_prompts):
         for seconds in cfg.demo_seconds:
             (audio,) = bundle.generate(
-                [prompt], seconds, steps=DEMO_STEPS, cfg_scale=DEMO_CFG_SCALE, seed=cfg.run.seed + p
+                [prompt], seconds, steps=DEMO_STEPS, cfg_scale=cfg.sample_cfg_scale, seed=cfg.run.seed + p
             )
             stem = f"p{p:02d}_{seconds:g}s"  # not Path.with_suffix: it would cut "2.5s" to "2"
             paths += [write_wav(out / f"{stem}.wav", audio, bundle.sample_rate)]

@@ -111,7 +111,7 @@ def test_the_training_demo_renders_what_generate_gives(bundle_dir, tmp_path):
     gives for the same prompt, length, steps, guidance and seed (before, its own copy cut int(seconds * rate) samples,
     one short of generate's round() here, and Path.with_suffix named the 1.99999 s files p00_1.wav / p00_1.png)."""
     from pipeline.config import TrainConfig
-    from train.diffusion import DEMO_CFG_SCALE, DEMO_STEPS, render_demos
+    from train.diffusion import DEMO_STEPS, render_demos
 
     bundle = components.load_bundle(str(bundle_dir))
     cfg = TrainConfig.model_validate(
@@ -127,7 +127,7 @@ def test_the_training_demo_renders_what_generate_gives(bundle_dir, tmp_path):
     paths = render_demos(bundle, cfg, tmp_path)
     assert [p.name for p in paths] == ["p00_1.99999s.wav", "p00_1.99999s.png", "p01_1.99999s.wav", "p01_1.99999s.png"]
     for p, prompt in enumerate(cfg.demo_prompts):
-        (expected,) = bundle.generate([prompt], 1.99999, steps=DEMO_STEPS, cfg_scale=DEMO_CFG_SCALE, seed=3 + p)
+        (expected,) = bundle.generate([prompt], 1.99999, steps=DEMO_STEPS, cfg_scale=cfg.sample_cfg_scale, seed=3 + p)
         demo, rate = sf.read(paths[2 * p], always_2d=True, dtype="float32")
         assert rate == 44100 and demo.T.shape == expected.shape == (2, 88200)
         np.testing.assert_allclose(demo.T, expected, atol=2**-22)  # 24-bit PCM
