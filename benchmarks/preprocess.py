@@ -45,10 +45,11 @@ def make_clips(root: Path, clips: int, seconds: float) -> float:
 def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) -> dict:
     import torch
 
+    from pipeline import components
     from preprocess import audio, encode
 
     torch.set_num_threads(1)
-    model = encode.load_vae(vae)
+    model = components.load_vae(vae)
     pieces = [s.audio for p in sorted(root.glob("*.wav")) for s in audio.segments(audio.decode(str(p)).audio, 95.0)]
     encode.encode(model, pieces[:1], cfg.batch_size, cfg.chunk_seconds)  # warm-up (kernel selection)
     seconds = sum(p.shape[-1] for p in pieces) / 44100
@@ -77,6 +78,9 @@ def job_run(vae: str, src: Path, workers: int, cfg: PreprocessConfig) -> dict:
         "audio_seconds_per_second": summary["audio_seconds_per_second"],
         "samples": summary["samples"],
         "shards": summary["shards"],
+        "setup_seconds": summary["setup_seconds"],
+        "first_shard_seconds": summary["first_shard_seconds"],
+        "worker_stage_seconds": summary["worker_stage_seconds"],
     }
 
 

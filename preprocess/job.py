@@ -211,8 +211,12 @@ def run(
     results: dict[str, ShardResult] = {}
     failures: dict[str, str] = {}
     bar = _progress_bar(len(plans), len(plans) - len(pending), progress)
+    planned = time.monotonic()  # listing, planning and the claim are done
+    first_result: list[float] = []
 
     def on_result(plan: ShardPlan, result: ShardResult | None, exc: BaseException | None) -> None:
+        if not first_result:
+            first_result.append(time.monotonic())
         if result is None:
             failures[plan.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         else:
@@ -249,6 +253,10 @@ def run(
     )
     wall = time.monotonic() - started
     encoded = sum(r.audio_seconds for r in results.values())
+    stages: dict[str, float] = {}
+    for r in results.values():
+        for stage, value in r.seconds.items():
+            stages[stage] = stages.get(stage, 0.0) + value
     return {
         "out": out,
         "inputs": len(items) + len(missing),
@@ -261,6 +269,11 @@ def run(
         "encoded_audio_seconds": round(encoded, 3),
         "wall_seconds": round(wall, 3),
         "audio_seconds_per_second": round(encoded / wall, 3) if wall > 0 else 0.0,
+        # Where the time went: listing + planning + claim before any worker ran; the first shard's arrival after
+        # that (actor start-up, VAE load and one shard); the workers' stage seconds summed over shards.
+        "setup_seconds": round(planned - started, 3),
+        "first_shard_seconds": round(first_result[0] - planned, 3) if first_result else None,
+        "worker_stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
     }
 
 

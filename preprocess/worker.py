@@ -13,8 +13,10 @@ pieces (segments and augmented copies) are batched across inputs until ``batch_s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,7 @@ class ShardResult:
     inputs: int
     audio_seconds: float  # of 44.1 kHz audio encoded in this call (0 when the shard was already done)
     skipped: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage (see ShardWorker.process)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class _Loaded:
     caption: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     decoded: audio.Decoded | None = None
+    fetch_seconds: float = 0.0  # on the decode thread: download (or open) + sha256
+    decode_seconds: float = 0.0  # on the decode thread: decode + resample
     error: str | None = None
 
 
@@ -92,9 +97,13 @@ def load_input(item: InputItem, max_input_seconds: float) -> _Loaded:
             loaded.error = f"caption: sidecar {item.sidecar.rsplit('/', 1)[-1]} is unreadable ({detail})"
             return loaded
     try:
+        started = time.perf_counter()
         with fetch(item.uri) as (path, sha256, _):
             loaded.sha256 = sha256
+            fetched = time.perf_counter()
+            loaded.fetch_seconds = fetched - started
             loaded.decoded = audio.decode(path, max_input_seconds)
+            loaded.decode_seconds = time.perf_counter() - fetched
     except FileNotFoundError:
         loaded.error = "missing: the file disappeared after listing"
     except UNREADABLE as exc:  # e.g. a manifest row naming a directory, a file we may not read
@@ -119,16 +128,34 @@ class ShardWorker:
 
     # ------------------------------------------------------------------ the shard
     def process(self, plan: ShardPlan) -> ShardResult:
+        """Write the shard ``plan`` names. ``ShardResult.seconds`` says where its wall time went: ``wait`` (for the
+        decode thread), ``segment_augment``, ``encode``, ``write`` (tar + upload + marker) and ``total`` on this
+        thread; ``fetch`` and ``decode`` are the decode thread's own time, which overlaps the others."""
+        started = time.perf_counter()
+        timings: dict[str, float] = dict.fromkeys(("wait", "segment_augment", "encode", "write"), 0.0)
+
+        @contextmanager
+        def timed(stage: str) -> Iterator[None]:
+            t0 = time.perf_counter()
+            yield
+            timings[stage] += time.perf_counter() - t0
+
         if shards.is_done(self.out, plan.name):  # a retry racing a finished attempt: never write a shard twice
             return ShardResult(shards.read_stats(self.out, plan.name), len(plan.inputs), 0.0, skipped=True)
         loaded: list[_Loaded] = []  # every input, in plan order
         pieces: list[_Piece] = []  # every piece, in sample order; pieces[encoded:] wait for a full batch
         encoded = 0
-        for item in self._prefetch(plan.inputs):
+        inputs = self._prefetch(plan.inputs)
+        while True:
+            with timed("wait"):
+                item = next(inputs, None)
+            if item is None:
+                break
             loaded.append(item)
             if item.error is None:
                 try:
-                    new = self._pieces(item)
+                    with timed("segment_augment"):
+                        new = self._pieces(item)
                 except audio.AudioError as exc:
                     item.error = exc.reason
                     continue
@@ -137,16 +164,22 @@ class ShardWorker:
                     continue
                 pieces += new
                 if len(pieces) - encoded >= self.cfg.batch_size:
-                    self._encode(pieces[encoded:])
+                    with timed("encode"):
+                        self._encode(pieces[encoded:])
                     encoded = len(pieces)
-        self._encode(pieces[encoded:])
+        with timed("encode"):
+            self._encode(pieces[encoded:])
 
         errors = [{"source_uri": item.item.uri, "reason": item.error} for item in loaded if item.error is not None]
         kept = [piece for piece in pieces if piece.source.error is None]
-        samples = [self._sample(piece) for piece in kept]
+        with timed("write"):
+            samples = [self._sample(piece) for piece in kept]
+            stats = shards.write_shard(self.out, plan.name, samples, errors)
         seconds = sum(piece.samples / audio.SAMPLE_RATE for piece in kept)
-        stats = shards.write_shard(self.out, plan.name, samples, errors)
-        return ShardResult(stats, len(plan.inputs), seconds)
+        timings["fetch"] = sum(item.fetch_seconds for item in loaded)
+        timings["decode"] = sum(item.decode_seconds for item in loaded)
+        timings["total"] = time.perf_counter() - started
+        return ShardResult(stats, len(plan.inputs), seconds, seconds=timings)
 
     def _prefetch(self, items: list[InputItem]) -> Iterator[_Loaded]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:

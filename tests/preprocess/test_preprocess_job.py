@@ -51,6 +51,22 @@ def test_rerun_skips_done_shards_and_writes_nothing(tmp_path):
     assert shards.verify(out).ok
 
 
+def test_the_summary_says_where_the_time_went(tmp_path):
+    """Issue 14's profile, from the job itself: setup before any worker, the first shard's arrival, and the workers'
+    seconds per stage summed over the shards written (a rerun that writes nothing has none)."""
+    write_clips(tmp_path / "src", 5, seconds=0.4)
+    out = str(tmp_path / "out")
+    summary = job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    stages = summary["worker_stage_seconds"]
+    assert set(stages) == {"wait", "segment_augment", "encode", "write", "fetch", "decode", "total"}
+    assert all(v >= 0 for v in stages.values()) and stages["encode"] > 0 and stages["decode"] > 0
+    on_thread = stages["wait"] + stages["segment_augment"] + stages["encode"] + stages["write"]
+    assert on_thread <= stages["total"] + 1e-3 and summary["setup_seconds"] >= 0
+    assert 0 < summary["first_shard_seconds"] <= summary["wall_seconds"]
+    again = job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
+    assert again["worker_stage_seconds"] == {} and again["first_shard_seconds"] is None
+
+
 def test_an_out_of_another_job_is_refused(tmp_path):
     write_clips(tmp_path / "src", 3, seconds=0.3)
     out = str(tmp_path / "out")
