@@ -1,13 +1,18 @@
 """Preprocessing throughput: audio-seconds encoded per wall-second, for the VAE alone and for the whole job.
 
-    python benchmarks/preprocess.py --out benchmarks/results [--vae preset:tiny] [--clips 16] [--seconds 20]
+    python benchmarks/preprocess.py --out benchmarks/results [--vae preset:tiny|arch|URI] [--clips 16] [--seconds 20]
+    python benchmarks/preprocess.py --out benchmarks/results --vae arch --inputs shared   # the shared comparison
 
 Measures, on a synthetic set of 44.1 kHz stereo wav clips in a temp dir:
 - ``encoder_only``: the VAE encoder on pre-decoded tensors (same batching as the job, one thread per worker,
   so it is the ceiling for one worker);
 - ``job``: ``longplay preprocess`` end to end (list, decode, encode, tar, write, index) on Ray with 1 and with 2
   workers, each worker 1 CPU; wall time includes starting the actors, as a user would see it.
-The ratio ``job / encoder_only`` makes the pipeline's overhead visible. Ray: ``RAY_ADDRESS`` if set, else a
+The ratio ``job / encoder_only`` makes the pipeline's overhead visible; each job run also carries the job's own
+profile (``setup_seconds``, ``first_shard_seconds``, ``worker_stage_seconds``). ``--vae arch`` is the tiny Oobleck
+VAE of ``../shared/bench/ARCH.md`` (2048x, 16-ch latent, 2.48M parameters; random weights, seed 0) built from our
+modules; ``--inputs shared`` is that benchmark's input set (20 stereo 44.1 kHz 16-bit files of 5-30 s: noise,
+tones, chirps, amplitude-modulated noise). Ray: ``RAY_ADDRESS`` if set, else a
 local instance with every core. Writes ``OUT/preprocess.json``.
 """
 
@@ -40,6 +45,53 @@ def make_clips(root: Path, clips: int, seconds: float) -> float:
         sf.write(root / f"clip_{i:04d}.wav", audio.astype(np.float32), 44100, subtype="PCM_16")
         (root / f"clip_{i:04d}.txt").write_text(f"benchmark clip {i}")
     return clips * n / 44100
+
+
+def make_shared_inputs(root: Path) -> float:
+    """The shared benchmark's folder: 20 files of 5-30 s (noise, tones, chirps, AM noise); returns their seconds."""
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for i in range(20):
+        n = int(rng.uniform(5.0, 30.0) * 44100)
+        t = np.arange(n) / 44100
+        kind = i % 4
+        if kind == 0:
+            audio = 0.1 * rng.standard_normal((n, 2))
+        elif kind == 1:
+            audio = np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in rng.uniform(80, 2000, 2)], axis=1)
+        elif kind == 2:
+            f0, f1 = rng.uniform(50, 500), rng.uniform(2000, 12000)
+            phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1]))
+            audio = np.stack([0.3 * np.sin(phase), 0.3 * np.sin(phase + 0.5)], axis=1)
+        else:
+            envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.5, 8) * t)
+            audio = 0.2 * envelope[:, None] * rng.standard_normal((n, 2))
+        sf.write(root / f"in_{i:02d}.wav", audio.astype(np.float32), 44100, subtype="PCM_16")
+        total += n / 44100
+    return total
+
+
+def arch_vae(directory: Path) -> str:
+    """The ARCH.md benchmark VAE (random weights, seed 0) saved as a VAE export; returns its path."""
+    import torch
+
+    from pipeline import components
+    from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig
+
+    cfg = AutoencoderConfig(
+        latent_channels=16,
+        strides=(2, 4, 4, 8, 8),
+        encoder_channels=16,
+        encoder_multipliers=(1, 2, 4, 8, 16),
+        encoder_out_kernel=3,
+        decoder_channels=16,
+        decoder_multipliers=(1, 2, 4, 8, 16),
+        decoder_in_kernel=7,
+        decoder_out_bias=False,
+        final_tanh=False,
+    )
+    torch.manual_seed(0)
+    return str(components.save_vae(Autoencoder(cfg), directory))
 
 
 def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) -> dict:
@@ -87,7 +139,8 @@ def job_run(vae: str, src: Path, workers: int, cfg: PreprocessConfig) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for preprocess.json")
-    parser.add_argument("--vae", default="preset:tiny")
+    parser.add_argument("--vae", default="preset:tiny", help="a VAE URI, or 'arch' (../shared/bench/ARCH.md)")
+    parser.add_argument("--inputs", choices=("clips", "shared"), default="clips", help="clips: noise + tone clips")
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each clip")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -98,14 +151,26 @@ def main() -> int:
     cluster.connect(num_cpus=os.cpu_count())
     cfg = PreprocessConfig(samples_per_shard=4, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="longplay-bench-src-") as tmp:
-        src = Path(tmp)
-        total = make_clips(src, args.clips, args.seconds)
-        enc = encoder_only(args.vae, src, cfg)
-        runs = [job_run(args.vae, src, workers, cfg) for workers in (1, 2)]
+        src = Path(tmp) / "src"
+        src.mkdir()
+        vae = arch_vae(Path(tmp) / "vae") if args.vae == "arch" else args.vae
+        if args.inputs == "shared":
+            total = make_shared_inputs(src)
+            inputs = {"set": "shared", "files": 20, "audio_seconds": round(total, 3)}
+        else:
+            total = make_clips(src, args.clips, args.seconds)
+            inputs = {
+                "set": "clips",
+                "clips": args.clips,
+                "seconds_each": args.seconds,
+                "audio_seconds": round(total, 3),
+            }
+        enc = encoder_only(vae, src, cfg)
+        runs = [job_run(vae, src, workers, cfg) for workers in (1, 2)]
     result = {
         "benchmark": "preprocess",
         "vae": args.vae,
-        "input": {"clips": args.clips, "seconds_each": args.seconds, "audio_seconds": round(total, 3)},
+        "input": inputs,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "encoder_only": enc,
         "job": {f"workers_{r['workers']}": r for r in runs},
