@@ -97,10 +97,11 @@ def arch_vae(directory: Path) -> str:
 def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) -> dict:
     import torch
 
-    from pipeline import components
+    from pipeline import allocator, components
     from preprocess import audio, encode
 
     torch.set_num_threads(1)
+    allocator.tune()  # as the job's workers run (pipeline/allocator.py)
     model = components.load_vae(vae)
     pieces = [s.audio for p in sorted(root.glob("*.wav")) for s in audio.segments(audio.decode(str(p)).audio, 95.0)]
     encode.encode(model, pieces[:1], cfg.batch_size, cfg.chunk_seconds)  # warm-up (kernel selection)

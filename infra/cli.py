@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from infra import raynode, stack
-from pipeline import commands
+from pipeline import allocator, commands
 from pipeline.commands import UsageError
 from pipeline.config import ConfigError
 from pipeline.diffusion import SAMPLERS
@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"longplay: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    allocator.tune()  # generation, evaluation and the demo's driver: freed tensor buffers stay in the heap
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

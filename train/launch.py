@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline import storage
+from pipeline import allocator, storage
 from pipeline.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def worker_main(config: dict[str, Any]) -> None:
     ctx = RankContext(rank=context.get_world_rank(), world_size=context.get_world_size(), report=_report)
     if not cfg.scaling.use_gpu:
         set_cpu_threads(cfg.scaling.cpus_per_worker)
+    allocator.tune()  # keep freed tensor buffers in the heap (pipeline/allocator.py)
     import torch
 
     torch.manual_seed(rank_seed(cfg.run.seed, ctx.rank))
