@@ -20,16 +20,7 @@ from pipeline.models.conditioning import (
 from pipeline.models.dit import DIT_PRESETS, DiT
 from pipeline.models.unet import UNET_PRESETS, UNet1d
 
-TINY_UNET = DiffusionModelConfig(
-    backbone="unet",
-    unet=UNET_PRESETS["tiny"],
-    io_channels=16,
-    cond_token_dim=64,
-    timing="embedding",
-    timing_global=False,
-    max_text_tokens=32,
-    null_cond="learned",
-)
+TINY_UNET = DIFFUSION_PRESETS["tiny-unet"]  # the sa1 architecture (U-Net, per-second timing) at the tiny size
 
 
 @pytest.fixture(autouse=True)
