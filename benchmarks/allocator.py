@@ -4,8 +4,9 @@
 
 Each run is a fresh process (the allocator is set once per process), alternating ``LONGPLAY_MALLOC=default`` and
 the tuned setting, so the machine's drift falls on both alike. A run builds the ``../shared/bench`` VAE (random
-weights, seed 0) and its 20-file input set, then times on one torch thread the encoder alone over every piece and
-the whole job on the in-process backend. Writes ``OUT/allocator.json`` (every run, medians, tuned / default).
+weights, seed 0) and its 20-file input set, then times on one torch thread the encoder alone over every piece (as
+``benchmarks/preprocess.py`` times it) and the whole job on the in-process backend. Writes ``OUT/allocator.json``
+(every run, medians, tuned / default).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def one_run() -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from pipeline import allocator, components
+    from pipeline import allocator
     from pipeline.config import PreprocessConfig
-    from preprocess import audio, encode, job
+    from preprocess import job
 
     tuned = allocator.tune()
     torch.set_num_threads(1)
@@ -40,14 +41,8 @@ def one_run() -> dict:
         src.mkdir()
         vae = bench.arch_vae(Path(tmp) / "vae")
         seconds = bench.make_shared_inputs(src)
-        model = components.load_vae(vae)
-        decoded = [audio.decode(str(p)).audio for p in sorted(src.glob("*.wav"))]
-        pieces = [s.audio for a in decoded for s in audio.segments(a, 95.0)]
-        encode.encode(model, pieces[:1], 4, 30.0)  # warm-up
-        start = time.perf_counter()
-        encode.encode(model, pieces, 4, 30.0)
-        encoder = time.perf_counter() - start
         cfg = PreprocessConfig(samples_per_shard=4, batch_size=4)
+        encoder = bench.encoder_only(vae, src, cfg, repeats=1)["wall_seconds"]
         start = time.perf_counter()
         job.run(str(src), str(Path(tmp) / "out"), vae, cfg, backend="local", progress=False)
         whole = time.perf_counter() - start

@@ -146,12 +146,7 @@ class ShardWorker:
         loaded: list[_Loaded] = []  # every input, in plan order
         pieces: list[_Piece] = []  # every piece, in sample order; pieces[encoded:] wait for a full batch
         encoded = 0
-        inputs = self._prefetch(plan.inputs)
-        while True:
-            with timed("wait"):
-                item = next(inputs, None)
-            if item is None:
-                break
+        for item in self._prefetch(plan.inputs, timings):
             loaded.append(item)
             if item.error is None:
                 try:
@@ -182,15 +177,23 @@ class ShardWorker:
         timings["total"] = time.perf_counter() - started
         return ShardResult(stats, len(plan.inputs), seconds, seconds=timings)
 
-    def _prefetch(self, items: list[InputItem]) -> Iterator[_Loaded]:
+    def _prefetch(self, items: list[InputItem], timings: dict[str, float]) -> Iterator[_Loaded]:
+        """The inputs fetched and decoded on a thread, in order; ``timings["wait"]`` adds the time spent waiting."""
+
+        def ready(future: Future) -> _Loaded:
+            started = time.perf_counter()
+            loaded = future.result()
+            timings["wait"] += time.perf_counter() - started
+            return loaded
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
             futures: list[Future] = []
             for item in items:
                 futures.append(pool.submit(load_input, item, self.cfg.max_input_seconds))
                 if len(futures) > PREFETCH:
-                    yield futures.pop(0).result()
+                    yield ready(futures.pop(0))
             for future in futures:
-                yield future.result()
+                yield ready(future)
 
     def _pieces(self, item: _Loaded) -> list[_Piece]:
         """The segments of one input, then each augmented copy of them: input order, segment, copy."""
