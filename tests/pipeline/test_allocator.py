@@ -38,8 +38,9 @@ def run_loop(**env: str) -> dict:
 def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
     tuned, default = run_loop(), run_loop(LONGPLAY_MALLOC="default")
     assert tuned["tuned"] is True and default["tuned"] is False
-    # One output is 6,900 pages. glibc's defaults give freed outputs back and fault them in again, call after call
-    # (40 calls: 330,000-777,000 minor faults measured); tuned, the calls reuse the heap's pages, so the count stops
-    # growing with the calls (40 calls: 6,900)
-    assert default["faults"] > 150_000, default
+    # One output is 6,900 pages. Tuned, the calls reuse the heap's pages, so the count stops growing with the calls
+    # (40 calls: 6,900). glibc's defaults give freed outputs back and fault them in again on many of the calls; how
+    # many depends on its sliding thresholds and the heap's layout (40 calls: 89,000-777,000 measured), so the default
+    # is compared with the tuned count, not with a fixed number
     assert tuned["faults"] < 30_000, (tuned, default)
+    assert default["faults"] > 3 * tuned["faults"], (tuned, default)
