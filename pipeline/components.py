@@ -11,7 +11,9 @@ Export layouts (what the training loops write and what is registered in MLflow):
                diffusers AutoencoderOobleck folder (pipeline.weights.autoencoder reads all three)
     CLAP       model.safetensors, tokenizer.json, config.json {"kind": "clap", "preset", "vocab_size", ...}
     bundle     model.safetensors, config.json {"kind": "diffusion", "preset", "latent_rate", "window_seconds", ...},
-               clap/ (a CLAP export) and autoencoder/ (a VAE export): one URI that can generate
+               clap/ (a CLAP export) and autoencoder/ (a VAE export): one URI that can generate. A T5-conditioned
+               bundle names its encoder instead ({"text_encoder": "t5", "t5": URI}); a LoRA export holds only the
+               adapters, with {"base": the base bundle's URI, "lora": the adapters' settings}
 
 Preprocessing records which VAE encoded the shards as :func:`vae_id` and training reads that id back through
 :func:`load_vae`, so the two stages agree by construction.
@@ -32,6 +34,7 @@ from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig, build_au
 from pipeline.models.clap import CLAP, build_clap
 from pipeline.models.conditioning import build_diffusion_model
 from pipeline.text import CaptionTokenizer
+from pipeline.text_conditioners import ClapText, TextConditioner
 from pipeline.tracking import download_model
 from pipeline.weights import weights_hash
 from pipeline.weights.autoencoder import CONFIG_FILE, WEIGHTS_FILE, read_autoencoder, save_autoencoder
@@ -132,22 +135,63 @@ def load_clap(uri: str, device: str | torch.device = "cpu") -> tuple[CLAP, Capti
     return clap.to(device).eval().requires_grad_(False), tokenizer, config
 
 
+def load_text_conditioner(
+    kind: str, uri: str, device: str | torch.device = "cpu", max_tokens: int | None = None
+) -> TextConditioner:
+    """The frozen text conditioner ``kind`` (``clap``: a CLAP export; ``t5``: a T5 encoder + tokenizer directory) at
+    ``uri`` on ``device``; a T5 pads and truncates to ``max_tokens`` (the diffusion model's ``max_text_tokens``; a
+    CLAP has its own context length). Errors name the config key that points there (``model.clap`` / ``model.t5``)."""
+    if kind == "clap":
+        try:
+            clap, tokenizer, _ = load_clap(uri, device)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"model.clap: {err}") from err
+        return ClapText(clap, tokenizer)
+    if kind == "t5":
+        from pipeline.t5 import T5Conditioner
+
+        try:
+            return T5Conditioner.load(uri, device, **({"max_tokens": max_tokens} if max_tokens else {}))
+        except (ValueError, OSError) as err:  # FileNotFoundError included
+            raise ValueError(f"model.t5: {err}") from err
+    raise ValueError(f"model.text_encoder: {kind!r} is not clap or t5")
+
+
 def load_bundle(uri: str, device: str | torch.device | None = None) -> Bundle:
-    """A bundle ready to generate: the diffusion export at ``uri`` with its ``clap/`` and ``autoencoder/``, all three
-    on one device (``device``; default CUDA when available, else the CPU: :func:`resolve_device`)."""
+    """A bundle ready to generate: the diffusion export at ``uri`` with its text conditioner and ``autoencoder/``, all
+    on one device (``device``; default CUDA when available, else the CPU: :func:`resolve_device`). A LoRA export
+    loads its base bundle and adds the adapters."""
+    from pipeline import lora
+
     device = resolve_device(device)
     root = download_model(uri)
     config = _config(root, "diffusion", source=uri)
-    clap, tokenizer, _ = load_clap(str(root / "clap"), device)
+    if "lora" in config:
+        base = load_bundle(str(config["base"]), device)
+        expected = config["lora"].get("base_sha256")
+        if expected and weights_hash(base.diffusion) != expected:
+            raise ValueError(f"{uri}: its base {config['base']} is not the model the adapters were trained on")
+        lora.add_adapters(base.diffusion, config["lora"])
+        lora.load_adapters(base.diffusion, _weights(root / WEIGHTS_FILE))
+        diffusion = base.diffusion.to(device).eval()
+        return Bundle(base.autoencoder, base.text, diffusion, {**base.config, **config}, base.text_source)
+    source = text_source(config, root)
     diffusion = build_diffusion_model(config["preset"])
+    text = load_text_conditioner(*source, device, max_tokens=diffusion.cfg.max_text_tokens)
     _load_parameters(diffusion, _weights(root / WEIGHTS_FILE), root)
     return Bundle(
         autoencoder=load_vae(str(root / "autoencoder"), device),
-        clap=clap,
-        tokenizer=tokenizer,
+        text=text,
         diffusion=diffusion.to(device).eval(),
         config=config,
+        text_source=source,
     )
+
+
+def text_source(config: dict[str, Any], root: Path) -> tuple[str, str]:
+    """(kind, URI) of a bundle's text conditioner: its ``clap/`` folder, or the T5 its config.json names."""
+    kind = str(config.get("text_encoder", "clap"))
+    return kind, str(config["t5"]) if kind == "t5" else str(root / "clap")
 
 
 def _load_parameters(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:

@@ -108,10 +108,34 @@ class DataSection(Section):
     )
 
 
+class LoraSection(Section):
+    """LoRA adapters on the diffusion backbone (peft): with ``rank`` > 0 only the adapters train."""
+
+    rank: int = Field(0, ge=0, description="adapter rank; 0 = off (full fine-tuning or training from scratch)")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha (updates are scaled by alpha / rank); default: rank"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out"],
+        min_length=1,
+        description="backbone Linear layers that get adapters (names as in the model: attention projections)",
+    )
+    merge: bool = Field(False, description="export the merged weights (a plain bundle) instead of the adapters")
+
+
 class ModelSection(Section):
     preset: PresetName = Field("tiny", description="model size preset")
     vae: str | None = Field(None, description="autoencoder URI (diffusion demo decode / VAE resume)")
     clap: str | None = Field(None, description="trained CLAP URI (diffusion conditioning)")
+    text_encoder: Literal["clap", "t5"] = Field(
+        "clap", description="diffusion: what conditions the model on text: our CLAP or a frozen T5 (Stable Audio Open)"
+    )
+    t5: str | None = Field(None, description="T5 encoder + tokenizer directory or URI (text_encoder: t5)")
+    init_from: str | None = Field(
+        None, description="diffusion: a bundle (export URI) whose weights the run starts from (fine-tuning)"
+    )
+    lora: LoraSection = LoraSection()
     activation_checkpointing: bool = Field(
         False, description="diffusion: recompute each U-Net / DiT block's activations in backward (less memory)"
     )
@@ -158,9 +182,22 @@ class TrainConfig(Section):
     # Rules across sections: checked when the config loads, so `longplay train`, the demo and a Ray worker all see
     # them. The message starts with the key (see _first_error_line).
     @model_validator(mode="after")
-    def _diffusion_needs_a_clap(self) -> TrainConfig:
-        if self.kind == "diffusion" and not self.model.clap:
+    def _diffusion_needs_a_text_encoder(self) -> TrainConfig:
+        # A fine-tune takes the text encoder of the bundle it starts from unless the config names one.
+        if self.kind != "diffusion" or self.model.init_from:
+            return self
+        if self.model.text_encoder == "clap" and not self.model.clap:
             raise ValueError("model.clap: diffusion needs a trained CLAP (path, s3:// URI or models:/NAME@ALIAS)")
+        if self.model.text_encoder == "t5" and not self.model.t5:
+            raise ValueError("model.t5: text_encoder t5 needs the T5 encoder's directory or URI")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> TrainConfig:
+        if self.model.lora.rank and (self.kind != "diffusion" or not self.model.init_from):
+            raise ValueError("model.lora.rank: LoRA trains adapters on a diffusion bundle; set model.init_from")
+        if self.model.lora.rank and self.deepspeed.zero_stage == 3:
+            raise ValueError("deepspeed.zero_stage: LoRA runs under ZeRO 0-2 (the adapters are small; use 2)")
         return self
 
     @model_validator(mode="after")

@@ -135,6 +135,8 @@ def embedders_for(bundle: Any, cfg: EvaluateConfig):
     from pipeline.embedders import EmbedderPaths, ProjectClap, select_embedders
 
     paths = EmbedderPaths(**{k: Path(v) if v else None for k, v in cfg.embedders.model_dump().items()})
+    if bundle.clap is None:  # a T5-conditioned bundle has no CLAP of its own: the paper's embedders or none
+        return select_embedders(paths, project_clap=None)
     # On the bundle's device: ProjectClap moves the VAE and CLAP it is given, and generation still needs them there.
     project = ProjectClap(
         bundle.autoencoder, bundle.clap, bundle.tokenizer, name=clap_embedder_name(bundle), device=str(bundle.device)

@@ -4,7 +4,11 @@ A bundle is the diffusion export ``longplay train diffusion`` writes (and regist
 
     model.safetensors  config.json {"kind": "diffusion", "preset", "latent_rate", "window_seconds", ...}
     clap/              model.safetensors, tokenizer.json, config.json {"kind": "clap", "preset", "vocab_size"}
+                       (or, with "text_encoder": "t5" in config.json, "t5": the T5 encoder's URI, not copied)
     autoencoder/       model.safetensors, config.json (the VAE the latents were encoded with)
+
+A LoRA fine-tune exports only its adapters: config.json then names the base bundle ("base") and the adapters'
+settings ("lora"), and ``pipeline.components.load_bundle`` loads the base and adds the adapters.
 
 Timing follows the paper: the model samples a latent window at least as long as its training window and is told
 ``seconds_start`` / ``seconds_total``; the decoded audio is cut to exactly ``round(seconds * 44100)`` samples.
@@ -26,6 +30,7 @@ from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.clap import CLAP
 from pipeline.models.conditioning import ConditionedDiffusionModel, guided_model_fn
 from pipeline.text import CaptionTokenizer
+from pipeline.text_conditioners import ClapText, TextConditioner
 
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -39,13 +44,22 @@ def inference_autocast(device: torch.device) -> contextlib.AbstractContextManage
 
 @dataclass
 class Bundle:
-    """A trained model ready to generate: frozen VAE, CLAP text encoder + tokenizer, diffusion model."""
+    """A trained model ready to generate: frozen VAE, frozen text conditioner (CLAP or T5), diffusion model."""
 
     autoencoder: Autoencoder
-    clap: CLAP
-    tokenizer: CaptionTokenizer
+    text: TextConditioner
     diffusion: ConditionedDiffusionModel
     config: dict[str, Any]
+    text_source: tuple[str, str] | None = None  # (kind, URI) the text conditioner was loaded from, when known
+
+    @property
+    def clap(self) -> CLAP | None:
+        """The CLAP the model is conditioned on (evaluation embeds with it), or None for a T5-conditioned model."""
+        return self.text.clap if isinstance(self.text, ClapText) else None
+
+    @property
+    def tokenizer(self) -> CaptionTokenizer | None:
+        return self.text.tokenizer if isinstance(self.text, ClapText) else None
 
     @property
     def sample_rate(self) -> int:
@@ -93,11 +107,9 @@ class Bundle:
         rate = float(self.config["latent_rate"])
         window = max(1, round(float(self.config.get("window_seconds", seconds)) * rate))
         frames = max(window, math.ceil(seconds * rate))
-        max_length = self.clap.config.text.max_tokens
         device = self.device
-        ids, mask = (torch.from_numpy(a).to(device) for a in self.tokenizer.encode_batch([prompt], max_length))
         with inference_autocast(device):  # bf16 on CUDA: the text encoder and every model call of the sampler
-            tokens, token_mask = self.clap.text_conditioning(ids, mask)
+            tokens, token_mask = self.text.encode([prompt])
             model_fn = guided_model_fn(
                 self.diffusion,
                 tokens,

@@ -1,7 +1,7 @@
-"""`train diffusion`: the v-objective on VAE latents, conditioned on a frozen CLAP's penultimate text layer and timing.
+"""`train diffusion`: the v-objective on VAE latents, conditioned on frozen text tokens and timing.
 
     crop (B, C, W), mask (B, W), caption, seconds_start, seconds_total
-      caption ─tokenizer→ ids ─frozen CLAP text encoder (penultimate layer)→ tokens (B, L, D)
+      caption ─frozen text conditioner (CLAP's penultimate text layer, or T5: model.text_encoder)→ tokens (B, L, D)
       t ~ U[0, 1), noise ~ N(0, I):  loss = ‖ v_θ(x_t, t | tokens, timing; CFG dropout) − v_target ‖² over every frame
 
 The loss covers the padding too: a file shorter than the window is followed by the VAE's latent of silence, and
@@ -11,6 +11,10 @@ a loss masked to the real frames never sees the end and fills the whole window).
 Every ``run.demo_every`` steps rank 0 generates each demo prompt at each ``demo_seconds`` value with the EMA weights
 through :meth:`pipeline.generate.Bundle.generate` (the code of ``longplay generate``: sample, decode with the frozen
 VAE, trim to the request) and logs a wav and a spectrogram.
+Fine-tuning: ``model.init_from`` starts the run from a bundle's diffusion weights (same preset) and, unless the
+config names one, its text conditioner. With ``model.lora.rank`` > 0 only LoRA adapters on the backbone train
+(:mod:`pipeline.lora`, peft): the export holds the adapters and the base bundle's URI, or with ``model.lora.merge``
+the merged weights as a plain bundle.
 With ``data.holdout_split`` set, every checkpoint also generates the held-out captions at ``holdout_seconds`` and
 logs timing error (raw window, as evaluation measures it) and the CLAP score of matched vs shuffled prompt/audio.
 """
@@ -27,16 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import lora
 from pipeline import shards as shard_format
-from pipeline.components import load_clap, save_vae
+from pipeline.components import load_bundle, load_clap, load_text_conditioner, save_vae
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, sample_t, v_loss
 from pipeline.generate import Bundle, inference_autocast, write_wav
 from pipeline.metrics import matched_and_shuffled, nonsilent_seconds
 from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.clap import CLAP
 from pipeline.models.conditioning import ConditionedDiffusionModel, build_diffusion_model, guided_model_fn
-from pipeline.text import CaptionTokenizer
+from pipeline.text_conditioners import ClapText, TextConditioner
+from pipeline.weights import weights_hash
 from train import data, loop
 from train.components import CONFIG_FILE, WEIGHTS_FILE, copy_export, load_vae, save_weights, vae_uri
 from train.engine import Engine
@@ -59,14 +64,22 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
     if vae.latent_channels != int(index["latent_channels"]):
         raise ValueError(f"model.vae: {vae.latent_channels}-ch latents, the shards have {index['latent_channels']}")
     silence = data.silence_latent(vae)
-    try:
-        clap, tokenizer, _ = load_clap(cfg.model.clap)  # the schema made sure model.clap is set
-    except ValueError as err:  # not a CLAP export: name the config key
-        raise ValueError(f"model.clap: {err}") from err
-    max_tokens = clap.config.text.max_tokens
-
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_diffusion_model(cfg.model.preset, cfg.model.activation_checkpointing, cfg.model.compile)
+    base = fine_tune_base(cfg, model)  # model.init_from: the base bundle's weights (None when training from scratch)
+    text_kind, text_uri = text_encoder_of(cfg, base)
+    text = base.text if base is not None and base.text_source == (text_kind, text_uri) else None
+    text = text or load_text_conditioner(text_kind, text_uri, max_tokens=model.cfg.max_text_tokens)
+    # The held-out CLAP score embeds with a CLAP: the conditioning one, or model.clap beside a T5.
+    scorer = text if isinstance(text, ClapText) else None
+    if scorer is None and cfg.model.clap:
+        scorer = ClapText(*load_clap(cfg.model.clap)[:2])
+    lora_settings = None
+    if cfg.model.lora.rank:  # only the adapters train; every base weight stays as the bundle has it
+        lora_cfg = cfg.model.lora
+        lora_settings = lora.settings(lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.target_modules)
+        lora_settings["base_sha256"] = weights_hash(model)  # generation checks that the base is still this one
+        lora.add_adapters(model, lora_settings)
     frame_rate = model.cfg.timing_frame_rate  # the per-frame timing channel counts frames at the VAE's rate
     if frame_rate > 0 and abs(frame_rate - rate) > 1e-6 * rate:
         raise ValueError(
@@ -74,21 +87,25 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             f"the shards' latents are {rate:g}/s"
         )
     engine = Engine(model, cfg, ctx.rank, ctx.world_size)
-    vae, clap = vae.to(engine.device), clap.to(engine.device)  # frozen, beside the model they feed and decode for
+    vae, text = vae.to(engine.device), text.to(engine.device)  # frozen, beside the model they feed and decode for
+    scorer = scorer.to(engine.device) if scorer is not None else None
     holdout = data.holdout(cfg, window, rate, silence)
 
-    progress = loop.resume("diffusion", cfg, ctx, {"": engine}, restore, tags={"clap_uri": cfg.model.clap})
+    tags = {"text_encoder": text_kind, "text_encoder_uri": text_uri}
+    if base is not None:
+        tags["base_model"] = cfg.model.init_from
+    if lora_settings is not None:
+        tags["lora_rank"] = str(lora_settings["rank"])
+    progress = loop.resume("diffusion", cfg, ctx, {"": engine}, restore, tags=tags)
     batches = data.batches_from(cfg, urls, window, rate, silence, ctx.rank, ctx.world_size)(progress.step)
     while progress.step < cfg.run.max_steps:
         micro = 0
         while micro < cfg.deepspeed.grad_accum:
-            batch = progress.next_batch(batches)
-            ids, text_mask = (torch.from_numpy(a) for a in tokenizer.encode_batch(batch["caption"], max_tokens))
-            batch = loop.to_device({**batch, "ids": ids, "text_mask": text_mask}, engine.device)
+            batch = loop.to_device(progress.next_batch(batches), engine.device)
             if progress.skip_nonfinite(batch["x"]):
                 continue
-            with torch.no_grad(), inference_autocast(engine.device):  # frozen CLAP, bf16 on CUDA: (B, L, D), (B, L)
-                tokens, token_mask = clap.text_conditioning(batch["ids"], batch["text_mask"])
+            with torch.no_grad(), inference_autocast(engine.device):  # frozen encoder, bf16 on CUDA: (B, L, D), (B, L)
+                tokens, token_mask = text.encode(batch["caption"])
             loss = diffusion_loss(engine, batch, tokens, token_mask, cfg.cfg_dropout, engine.dtype)
             if progress.skip_nonfinite(loss):
                 continue
@@ -102,7 +119,8 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
         if ctx.is_main and progress.due(cfg.run.demo_every):  # rank 0, the EMA weights
             weights = engine.ema_state_dict()
             if weights is not None and progress.tracker.enabled:
-                bundle = Bundle(vae, clap, tokenizer, _model(cfg, weights, engine.device), _bundle_config(cfg, rate))
+                model_ = _model(cfg, weights, engine.device, lora_settings)
+                bundle = Bundle(vae, text, model_, _bundle_config(cfg, rate))
                 with tempfile.TemporaryDirectory(prefix="longplay-demo-") as tmp:
                     for path in render_demos(bundle, cfg, Path(tmp)):
                         progress.tracker.log_artifact(path, artifact_path=f"demo/step_{progress.step:08d}")
@@ -111,34 +129,76 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             if holdout is not None:
                 weights = engine.export_state_dict()  # the EMA weights the export holds; collective: every rank
                 if ctx.is_main:
-                    model = _model(cfg, weights, engine.device)
-                    evaluation = holdout_generation(model, vae, clap, tokenizer, holdout["caption"], cfg, window, rate)
+                    model_ = _model(cfg, weights, engine.device, lora_settings)
+                    evaluation = holdout_generation(model_, vae, text, scorer, holdout["caption"], cfg, window, rate)
             progress.checkpoint({"": engine}, evaluation)
 
     weights = engine.export_state_dict()  # collective: every rank
 
     def write_export(directory: Path) -> None:
-        save_weights(weights, directory / WEIGHTS_FILE)
         config = {
             "kind": "diffusion",
             "preset": cfg.model.preset,
             "latent_rate": rate,
             "latent_channels": vae.latent_channels,
             "window_seconds": cfg.data.window_seconds,
-            "clap": cfg.model.clap,
+            "text_encoder": text_kind,
             "vae": vae_uri(cfg.model.vae, index),
+            **({"base": cfg.model.init_from} if base is not None else {}),
         }
+        if lora_settings is not None and not cfg.model.lora.merge:  # the adapters alone; the base bundle has the rest
+            save_weights(lora.adapter_state_dict(weights), directory / WEIGHTS_FILE)
+            (directory / CONFIG_FILE).write_text(json.dumps({**config, "lora": lora_settings}, indent=2))
+            return
+        merged = weights
+        if lora_settings is not None:  # model.lora.merge: a plain bundle with the adapters folded in
+            merged = lora.merge_adapters(_model(cfg, weights, torch.device("cpu"), lora_settings)).state_dict()
+        save_weights(merged, directory / WEIGHTS_FILE)
+        config.update({"clap": text_uri} if text_kind == "clap" else {"t5": text_uri})
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        copy_export(cfg.model.clap, directory / "clap")
+        if text_kind == "clap":
+            copy_export(text_uri, directory / "clap")
         save_vae(vae, directory / "autoencoder")
 
     progress.export(weights, write_export)
     return progress.finish(engine)
 
 
-def _model(cfg: TrainConfig, weights: dict[str, torch.Tensor], device: torch.device) -> ConditionedDiffusionModel:
-    """A copy of the model with ``weights`` (EMA) for sampling, on ``device``."""
+def fine_tune_base(cfg: TrainConfig, model: ConditionedDiffusionModel) -> Bundle | None:
+    """With ``model.init_from``: load that bundle and copy its diffusion weights into ``model``, which must be the same
+    preset; returns the bundle (its text conditioner is the default). Else None."""
+    if not cfg.model.init_from:
+        return None
+    try:
+        base = load_bundle(cfg.model.init_from, "cpu")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"model.init_from: {err}") from err
+    if "lora" in base.config:
+        raise ValueError("model.init_from: LoRA adapters, not a whole model; export them merged (model.lora.merge)")
+    if base.config["preset"] != cfg.model.preset:
+        raise ValueError(f"model.init_from: a {base.config['preset']} bundle; model.preset is {cfg.model.preset}")
+    model.load_state_dict(base.diffusion.state_dict(), strict=True)
+    return base
+
+
+def text_encoder_of(cfg: TrainConfig, base: Bundle | None) -> tuple[str, str]:
+    """(kind, URI) of the text conditioner: the config's when it names one, else the base bundle's."""
+    kind = cfg.model.text_encoder
+    uri = cfg.model.t5 if kind == "t5" else cfg.model.clap
+    if uri:
+        return kind, uri
+    if base is None or base.text_source is None:  # the schema requires model.clap / model.t5 without init_from
+        raise ValueError(f"model.{kind}: not set")
+    return base.text_source
+
+
+def _model(
+    cfg: TrainConfig, weights: dict[str, torch.Tensor], device: torch.device, lora_settings: dict[str, Any] | None
+) -> ConditionedDiffusionModel:
+    """A copy of the model with ``weights`` (EMA, adapters included) for sampling, on ``device``."""
     model = build_diffusion_model(cfg.model.preset)
+    if lora_settings is not None:
+        lora.add_adapters(model, lora_settings)
     model.load_state_dict(weights, strict=False)
     return model.to(device).eval()
 
@@ -178,8 +238,8 @@ HOLDOUT_GENERATIONS = 8  # held-out captions generated at each checkpoint
 def holdout_generation(
     model: torch.nn.Module,
     vae: Autoencoder,
-    clap: CLAP,
-    tokenizer: CaptionTokenizer,
+    text: TextConditioner,
+    scorer: ClapText | None,
     captions: list[str],
     cfg: TrainConfig,
     window: int,
@@ -190,31 +250,35 @@ def holdout_generation(
 
     - timing: the decoded raw window's non-silent length (last 0.1 s frame above −40 dB re peak, as ``longplay
       evaluate`` measures it) against the requested ``seconds_total`` = ceil(seconds);
-    - prompt adherence: the CLAP score (cosine of text and audio embeddings; audio embedded from the generated
-      latents, masked to the requested length) of matched pairs, and of every mismatched pair as the baseline.
+    - prompt adherence (with a CLAP ``scorer``): the CLAP score (cosine of text and audio embeddings; audio embedded
+      from the generated latents, masked to the requested length) of matched pairs, and of every mismatched pair as
+      the baseline.
     """
     captions = captions[:HOLDOUT_GENERATIONS]
-    n, device = len(captions), next(model.parameters()).device  # the frozen VAE and CLAP are there too
+    n, device = len(captions), next(model.parameters()).device  # the frozen VAE and encoders are there too
     requested = [float(np.ceil(cfg.holdout_seconds[i % len(cfg.holdout_seconds)])) for i in range(n)]
-    encoded = tokenizer.encode_batch(captions, max_length=clap.config.text.max_tokens)
-    ids, mask = (torch.from_numpy(a).to(device) for a in encoded)  # (n, L)
     seconds_total = torch.tensor(requested, device=device)
     with inference_autocast(device):  # as generation runs: bf16 on CUDA, the VAE decode in fp32
-        tokens, tmask = clap.text_conditioning(ids, mask)
+        tokens, tmask = text.encode(captions)
         fn = guided_model_fn(model, tokens, tmask, torch.zeros(n, device=device), seconds_total, cfg.sample_cfg_scale)
         shape = (n, vae.latent_channels, window)
         latents = sample(fn, shape, steps=DEMO_STEPS, seed=cfg.run.seed, device=device).float()  # (n, C, W)
     audio = vae.decode(latents).clamp(-1, 1).float().cpu().numpy()  # (n, 2, W·D)
     errors = [abs(nonsilent_seconds(a, vae.sample_rate) - s) for a, s in zip(audio, requested, strict=True)]
-    frames = torch.arange(window, device=device)[None, :] < seconds_total[:, None] * rate  # (n, W) requested frames
-    matched, shuffled = matched_and_shuffled(
-        clap.encode_text(ids, mask).float().cpu().numpy(), clap.encode_audio(latents, frames).float().cpu().numpy()
-    )
     out = {
         "holdout_timing_median_abs_error_s": float(np.median(errors)),
         "holdout_timing_within_1s": float(np.mean([e <= 1.0 for e in errors])),
-        "holdout_clap_score_matched": matched,
     }
+    if scorer is None:
+        return out
+    encoded = scorer.tokenizer.encode_batch(captions, max_length=scorer.max_tokens)
+    ids, mask = (torch.from_numpy(a).to(device) for a in encoded)  # (n, L)
+    frames = torch.arange(window, device=device)[None, :] < seconds_total[:, None] * rate  # (n, W) requested frames
+    clap = scorer.clap
+    matched, shuffled = matched_and_shuffled(
+        clap.encode_text(ids, mask).float().cpu().numpy(), clap.encode_audio(latents, frames).float().cpu().numpy()
+    )
+    out["holdout_clap_score_matched"] = matched
     if shuffled is not None:
         out["holdout_clap_score_shuffled"] = shuffled
     return out

@@ -192,8 +192,9 @@ class Engine:
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]  # biases, norms, scalars: no weight decay (AdamW practice)
+        groups = [{"params": decay, "weight_decay": ds.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": ds.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [g for g in groups if g["params"]],  # ZeRO drops an empty group (LoRA: every adapter is a matrix)
             lr=ds.lr,
             betas=tuple(ds.betas),
             eps=1e-6,
@@ -214,7 +215,7 @@ class Engine:
         if self.keep_ema:
             with self.gathered():
                 if rank == 0:
-                    self.ema = EMA(self.engine.module.named_parameters(), cfg.ema.decay)
+                    self.ema = EMA(self._trained(), cfg.ema.decay)
 
     # ------------------------------------------------------------------ stepping
     @property
@@ -251,8 +252,12 @@ class Engine:
         if boundary and self.keep_ema:
             with self.gathered():
                 if self.ema is not None:
-                    self.ema.update(self.engine.module.named_parameters())
+                    self.ema.update(self._trained())
         return boundary
+
+    def _trained(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The parameters the optimizer moves (the EMA averages only these; frozen ones are constant)."""
+        return ((name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad)
 
     def grad_norm(self) -> float | None:
         if self.cfg.deepspeed.zero_stage == 0:
@@ -283,8 +288,12 @@ class Engine:
         return {k: v.reshape(()) if k in self._scalars else v for k, v in weights.items()}
 
     def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The EMA weights (rank 0) in the model's own shapes, or None where no EMA is kept."""
-        return None if self.ema is None else self._unscalar(self.ema.state_dict())
+        """The EMA weights (rank 0) in the model's own shapes, or None where no EMA is kept. Frozen parameters (a
+        LoRA run's base weights) come from the live model: below ZeRO-3 they are whole on rank 0."""
+        if self.ema is None:
+            return None
+        frozen = {k: p.detach().float().cpu() for k, p in self.engine.module.named_parameters() if not p.requires_grad}
+        return self._unscalar({**frozen, **self.ema.state_dict()})
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """What an export holds: the EMA weights (rank 0) where kept, else the live weights. Call on every rank."""

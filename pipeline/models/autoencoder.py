@@ -132,6 +132,7 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # Stable Audio Open's Oobleck VAE (D = 2048); the defaults are this model.
     "sa-open": AutoencoderConfig(),
 }
+AUTOENCODER_PRESETS["tiny-open"] = AUTOENCODER_PRESETS["tiny"]  # a preset name builds every component
 
 
 # --------------------------------------------------------------------------------------------------- networks

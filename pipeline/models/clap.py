@@ -108,6 +108,7 @@ CLAP_PRESETS: dict[str, ClapConfig] = {
         projection_dim=512,
     ),
 }
+CLAP_PRESETS["tiny-open"] = CLAP_PRESETS["tiny"]  # tiny-open differs from tiny in the diffusion model only
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
         backbone="unet", unet=UNET_PRESETS["sa1"], timing="embedding", timing_global=False, null_cond="learned"
     ),
     # Stable Audio Open: DiT, Fourier timing tokens, timing also as global conditioning
-    "sa-open": DiffusionModelConfig(backbone="dit", dit=DIT_PRESETS["sa-open"], timing="fourier", timing_global=True),
+    "sa-open": DiffusionModelConfig(
+        backbone="dit", dit=DIT_PRESETS["sa-open"], timing="fourier", timing_global=True, max_text_tokens=128
+    ),  # T5-base tokens, padded to 128 (model.text_encoder: t5)
     # CPU tests and the demo: a 2-block DiT over 16-ch latents, 64-d tiny-CLAP text tokens
     "tiny": DiffusionModelConfig(
         backbone="dit",
@@ -125,6 +127,11 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
         timing_global=True,
         max_text_tokens=32,
         timing_frame_rate=44100 / 1024,  # the tiny VAE's latent rate; see "Timing frames" above
+    ),
+    # Stable Audio Open's conditioning at the tiny size (CPU tests of T5 conditioning, checkpoint import and
+    # fine-tuning): the tiny DiT without the timing-frame channel, 64-d T5 tokens padded to 128, like sa-open
+    "tiny-open": DiffusionModelConfig(
+        backbone="dit", dit=DIT_PRESETS["tiny"], io_channels=16, cond_token_dim=64, max_text_tokens=128
     ),
     # the sa1 architecture (U-Net, per-second timing embeddings, learned null sequence) at the tiny size: CPU tests
     # and `benchmarks/gpu.py --preset tiny`

@@ -1,4 +1,5 @@
-"""Model presets by name: ``tiny`` (CPU tests), ``sa1`` (the paper), ``sa-open`` (Stable Audio Open).
+"""Model presets by name: ``tiny`` (CPU tests), ``tiny-open`` (tiny, conditioned like Open), ``sa1`` (the paper),
+``sa-open`` (Stable Audio Open).
 
 Each component keeps its own preset table beside its code; this module only gathers them, so a newcomer can
 see in one place what a preset name builds.
@@ -13,7 +14,9 @@ from pipeline.models.autoencoder import AUTOENCODER_PRESETS, Autoencoder
 from pipeline.models.clap import CLAP_PRESETS, build_clap
 from pipeline.models.conditioning import DIFFUSION_PRESETS, build_diffusion_model
 
-PRESETS = ("tiny", "sa1", "sa-open")  # the preset registry: the config schema and the CLI read the names here
+# The preset registry: the config schema and the CLI read the names here. ``tiny-open`` is tiny with Stable Audio
+# Open's conditioning in the diffusion model (T5 tokens, no timing-frame channel): CPU tests of fine-tuning.
+PRESETS = ("tiny", "tiny-open", "sa1", "sa-open")
 CLAP_VOCAB_SIZE = 8000  # the default BPE vocabulary the tokenizer is trained to
 
 
