@@ -25,7 +25,23 @@ def resolve(kind: str, config: str | None, overrides: list[str]) -> TrainConfig:
     cfg = load_config(TrainConfig, config, [f"kind={kind}", *overrides])
     if cfg.kind != kind:
         raise ConfigError(f"kind: overridden to {cfg.kind!r}, the command asked for {kind!r}")
+    _check_sources(cfg)
     return cfg
+
+
+def _check_sources(cfg: TrainConfig) -> None:
+    """A local or s3:// folder the run starts from must be there: a missing one is a bad config (exit 2), not a failed
+    run after the workers have started. MLflow URIs are left to the run (looking them up needs the server)."""
+    from pipeline import storage
+
+    wanted = {"model.init_from": (cfg.model.init_from, ("config.json",))}
+    if cfg.model.text_encoder == "t5":  # a T5 folder, or Stable Audio Open's layout with the encoder in text_encoder/
+        wanted["model.t5"] = (cfg.model.t5, ("config.json", "text_encoder/config.json"))
+    for key, (uri, markers) in wanted.items():
+        if not uri or uri.startswith(("models:/", "runs:/")):
+            continue
+        if not any(storage.exists(storage.join(uri, *marker.split("/"))) for marker in markers):
+            raise ConfigError(f"{key}: nothing at {uri} (expected {' or '.join(markers)} there)")
 
 
 def _file_kind(config: str | None) -> str | None:

@@ -41,6 +41,7 @@ from pipeline.metrics import matched_and_shuffled, nonsilent_seconds
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.conditioning import ConditionedDiffusionModel, build_diffusion_model, guided_model_fn
 from pipeline.text_conditioners import ClapText, TextConditioner
+from pipeline.tracking import download_model
 from pipeline.weights import weights_hash
 from train import data, loop
 from train.components import CONFIG_FILE, WEIGHTS_FILE, copy_export, load_vae, save_weights, vae_uri
@@ -170,11 +171,12 @@ def fine_tune_base(cfg: TrainConfig, model: ConditionedDiffusionModel) -> Bundle
     if not cfg.model.init_from:
         return None
     try:
-        base = load_bundle(cfg.model.init_from, "cpu")
+        root = download_model(cfg.model.init_from)
+        if "lora" in json.loads((root / CONFIG_FILE).read_text()):
+            raise ValueError("LoRA adapters, not a whole model; export them merged (model.lora.merge) to start from")
+        base = load_bundle(str(root), "cpu")
     except (ValueError, OSError) as err:
         raise ValueError(f"model.init_from: {err}") from err
-    if "lora" in base.config:
-        raise ValueError("model.init_from: LoRA adapters, not a whole model; export them merged (model.lora.merge)")
     if base.config["preset"] != cfg.model.preset:
         raise ValueError(f"model.init_from: a {base.config['preset']} bundle; model.preset is {cfg.model.preset}")
     model.load_state_dict(base.diffusion.state_dict(), strict=True)

@@ -14,22 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from finetune_bundles import CLASSES, write_base_bundle  # this folder is on sys.path (rootless test folders)
 from safetensors.torch import save_file
 from tiny_t5 import write_tiny_t5  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
 
 from pipeline import lora, storage
-from pipeline.components import load_bundle, save_vae
-from pipeline.models.autoencoder import build_autoencoder
-from pipeline.models.clap import build_clap
+from pipeline.components import load_bundle
 from pipeline.models.conditioning import build_diffusion_model
-from pipeline.text import train_tokenizer
 from pipeline.weights import weights_hash
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 RANK = 4
-LATENT_RATE = 44100 / 1024  # the tiny VAE's, as in the latent shards (tests/train/conftest.py)
-CLASSES = ["solo piano in C major", "string quartet in D minor", "brass band march in B flat"]  # some of the shards'
 ADAPTED = 2 * 2 * 4  # tiny DiT: 2 blocks x (self + cross attention) x (to_q, to_k, to_v, to_out)
 
 
@@ -51,29 +47,6 @@ def _upload(local: Path, uri: str) -> str:
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         storage.write_file(storage.join(uri, *path.relative_to(local).parts), path)
     return uri
-
-
-def write_base_bundle(root: Path, text_encoder: str, t5_uri: str | None = None) -> Path:
-    """A bundle as `train diffusion` exports it, with seeded random weights: diffusion model, text conditioner (a tiny
-    CLAP export in clap/, or a reference to a T5), and the tiny VAE (seed 0, as the latent shards')."""
-    torch.manual_seed(7)
-    model = build_diffusion_model("tiny")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
-    config = {"kind": "diffusion", "preset": "tiny", "latent_rate": LATENT_RATE, "window_seconds": 1.0}
-    if text_encoder == "clap":
-        tokenizer = train_tokenizer(CLASSES * 4, vocab_size=300)
-        (root / "clap").mkdir()
-        tokenizer.save(root / "clap" / "tokenizer.json")
-        clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
-        save_file({k: v.contiguous() for k, v in clap.state_dict().items()}, str(root / "clap" / "model.safetensors"))
-        clap_config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
-        (root / "clap" / "config.json").write_text(json.dumps(clap_config))
-    else:
-        config.update({"text_encoder": "t5", "t5": t5_uri})
-    torch.manual_seed(0)
-    save_vae(build_autoencoder("tiny"), root / "autoencoder")
-    (root / "config.json").write_text(json.dumps(config))
-    return root
 
 
 @pytest.fixture(scope="module")

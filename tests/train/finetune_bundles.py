@@ -1,0 +1,42 @@
+"""Base bundles for the fine-tuning tests, written rather than trained (seeded random weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline.components import save_vae
+from pipeline.models.autoencoder import build_autoencoder
+from pipeline.models.clap import build_clap
+from pipeline.models.conditioning import build_diffusion_model
+from pipeline.text import train_tokenizer
+
+LATENT_RATE = 44100 / 1024  # the tiny VAE's, as in the latent shards (tests/train/conftest.py)
+CLASSES = ["solo piano in C major", "string quartet in D minor", "brass band march in B flat"]  # some of the shards'
+
+
+def write_base_bundle(root: Path, text_encoder: str, t5_uri: str | None = None) -> Path:
+    """A bundle as `train diffusion` exports it, with seeded random weights: diffusion model, text conditioner (a tiny
+    CLAP export in clap/, or a reference to a T5), and the tiny VAE (seed 0, as the latent shards')."""
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(7)
+    model = build_diffusion_model("tiny")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
+    config = {"kind": "diffusion", "preset": "tiny", "latent_rate": LATENT_RATE, "window_seconds": 1.0}
+    if text_encoder == "clap":
+        tokenizer = train_tokenizer(CLASSES * 4, vocab_size=300)
+        (root / "clap").mkdir()
+        tokenizer.save(root / "clap" / "tokenizer.json")
+        clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
+        save_file({k: v.contiguous() for k, v in clap.state_dict().items()}, str(root / "clap" / "model.safetensors"))
+        clap_config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
+        (root / "clap" / "config.json").write_text(json.dumps(clap_config))
+    else:
+        config.update({"text_encoder": "t5", "t5": t5_uri})
+    torch.manual_seed(0)
+    save_vae(build_autoencoder("tiny"), root / "autoencoder")
+    (root / "config.json").write_text(json.dumps(config))
+    return root
