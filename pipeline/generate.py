@@ -17,7 +17,9 @@ Timing follows the paper: the model samples a latent window at least as long as 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,32 @@ from pipeline.models.conditioning import ConditionedDiffusionModel, guided_model
 from pipeline.text import CaptionTokenizer
 from pipeline.text_conditioners import ClapText, TextConditioner
 
+CPU_BF16_ENV = "LONGPLAY_CPU_BF16"  # "0": model calls on the CPU stay in fp32
+
+
+@functools.cache
+def cpu_bf16() -> bool:
+    """Whether inference on the CPU runs under bf16 autocast: where the CPU has native bf16 matrix instructions
+    (avx512_bf16 or AMX; oneDNN then runs bf16 matmuls about twice as fast as fp32), unless LONGPLAY_CPU_BF16=0.
+    CPUs without them would emulate bf16, slower than fp32, so they stay in fp32."""
+    if os.environ.get(CPU_BF16_ENV, "1") == "0":
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no way to ask here, stay in fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA for the frozen encoders and the sampler's model calls (matmuls, convolutions and SDPA's
-    flash / memory-efficient kernels in bf16; the sampler's own state stays fp32); nothing on other devices (the CPU
-    has no bf16 speed-up here). The VAE decode runs outside it, in fp32."""
+    """bf16 autocast for the frozen encoders and the sampler's model calls (matmuls, convolutions and attention in
+    bf16; the sampler's own state stays fp32): always on CUDA, on the CPU where :func:`cpu_bf16` says it pays
+    (measured on this project's 2-core AMD EPYC with avx512_bf16: the DiT forward 2.0x faster, v within 0.4 %).
+    The VAE decode runs outside it, in fp32."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

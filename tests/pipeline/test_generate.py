@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from pipeline import components
 
@@ -131,3 +132,25 @@ def test_the_training_demo_renders_what_generate_gives(bundle_dir, tmp_path):
         demo, rate = sf.read(paths[2 * p], always_2d=True, dtype="float32")
         assert rate == 44100 and demo.T.shape == expected.shape == (2, 88200)
         np.testing.assert_allclose(demo.T, expected, atol=2**-22)  # 24-bit PCM
+
+
+def test_cpu_inference_runs_in_bf16_only_where_the_cpu_has_it_and_the_switch_allows(monkeypatch) -> None:
+    """bf16 autocast on the CPU halves the DiT's time where the CPU has native bf16 (benchmarks/generate.py); a CPU
+    without it would emulate bf16, slower than fp32, and LONGPLAY_CPU_BF16=0 turns it off."""
+    from pathlib import Path
+
+    from pipeline import generate
+
+    native = bool(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_bf16", "amx_bf16"})
+    cpu = torch.device("cpu")
+    try:
+        for env, expected in (("1", native), ("0", False)):
+            monkeypatch.setenv("LONGPLAY_CPU_BF16", env)
+            generate.cpu_bf16.cache_clear()
+            assert generate.cpu_bf16() is expected
+            with generate.inference_autocast(cpu):
+                assert torch.is_autocast_enabled("cpu") is expected
+                y = torch.nn.Linear(4, 4)(torch.ones(1, 4))
+            assert y.dtype == (torch.bfloat16 if expected else torch.float32)
+    finally:
+        generate.cpu_bf16.cache_clear()
