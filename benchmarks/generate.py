@@ -11,7 +11,7 @@ at ``--threads`` torch threads:
   has native bf16 (what ``longplay generate`` runs there), with the latents' distance to the fp32 ones; the decode
   alone (fp32);
 - ``train_step``: batch 4 of [16, 216] latents with 3 context tokens, v-objective, CFG dropout 0.1, AdamW: a bare
-  torch step, and the same step through ``train.engine.Engine`` (DeepSpeed, world size 1, ZeRO 0).
+  torch step, and the same step through ``train.engine.Engine`` (DeepSpeed, world size 1, ZeRO 0) in fp32 and bf16.
 Writes ``OUT/generate.json``. Compare figures only within one run of one machine.
 """
 
@@ -136,11 +136,12 @@ def bench_train_step(model_factory, repeats: int, steps: int = 5) -> dict:
     tokens, mask = torch.randn(4, TOKENS - 2, 128, generator=gen), torch.ones(4, TOKENS - 2, dtype=torch.bool)
     start, total = torch.zeros(4), torch.full((4,), 10.0)
 
-    def loss_of(model) -> torch.Tensor:
+    def loss_of(model, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         def fn(x_t, t):
-            return model(x_t, t, tokens, mask, start, total, cfg_dropout=0.1)
+            return model(x_t, t, tokens.to(dtype), mask, start, total, cfg_dropout=0.1)
 
-        return v_loss(fn, x0, sample_t(4), torch.randn_like(x0))
+        x = x0.to(dtype)  # as train/diffusion.py feeds a bf16 engine
+        return v_loss(fn, x, sample_t(4).to(dtype), torch.randn_like(x))
 
     _, bare_model = model_factory()
     bare_model.train()
@@ -152,22 +153,20 @@ def bench_train_step(model_factory, repeats: int, steps: int = 5) -> dict:
             loss_of(bare_model).backward()
             optimizer.step()
 
-    cfg = TrainConfig.model_validate(
-        {"kind": "diffusion", "data": {"shards": "bench"}, "model": {"clap": "x"}, "deepspeed": {"micro_batch": 4}}
-    )
-    _, engine_model = model_factory()
-    engine = Engine(engine_model.train(), cfg, 0, 1)
+    result = {"bare_step_s": round(statistics.median(timed(bare, repeats)) / steps, 4)}
+    for precision in ("fp32", "bf16"):  # bf16: DeepSpeed keeps the module in bf16, fp32 master weights
+        raw = {"kind": "diffusion", "data": {"shards": "bench"}, "model": {"clap": "x"}}
+        cfg = TrainConfig.model_validate({**raw, "deepspeed": {"micro_batch": 4, "precision": precision}})
+        _, engine_model = model_factory()
+        engine = Engine(engine_model.train(), cfg, 0, 1)
 
-    def through_engine() -> None:
-        for _ in range(steps):
-            engine.backward(loss_of(engine))
-            engine.step()
+        def through_engine(engine=engine) -> None:
+            for _ in range(steps):
+                engine.backward(loss_of(engine, engine.dtype))
+                engine.step()
 
-    result = {
-        "bare_step_s": round(statistics.median(timed(bare, repeats)) / steps, 4),
-        "engine_step_s": round(statistics.median(timed(through_engine, repeats)) / steps, 4),
-    }
-    engine.close()
+        result[f"engine_{precision}_step_s"] = round(statistics.median(timed(through_engine, repeats)) / steps, 4)
+        engine.close()
     return result
 
 
