@@ -35,9 +35,19 @@ def models_summary(args: argparse.Namespace) -> int:
 
 
 def weights_import(args: argparse.Namespace) -> int:
-    from pipeline.weights import import_weights
+    """``longplay weights import SRC --to DST``: DST ending in .safetensors gets the single-file export of the
+    weights (:func:`pipeline.weights.import_weights`); any other DST becomes a bundle that ``longplay generate`` runs
+    (:func:`pipeline.weights.bundle.import_bundle`, with ``--preset`` and ``--t5``). Prints a JSON summary."""
+    if args.dst.endswith(".safetensors"):
+        if args.preset is not None or args.t5 is not None:
+            raise UsageError("--preset and --t5 are for a bundle import (--to a folder, not a .safetensors file)")
+        from pipeline.weights import import_weights
 
-    summary = import_weights(args.src, args.dst)
+        summary = import_weights(args.src, args.dst)
+    else:
+        from pipeline.weights.bundle import import_bundle
+
+        summary = import_bundle(args.src, args.dst, preset=args.preset or "sa-open", t5=args.t5)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -14,6 +14,11 @@ Formats understood (``detect_format``):
 checkpoint holds a diffusion model and ``pipeline.weights.dit`` (the DiT's own mapping) is available, DiT tensors
 under ``dit.`` and timing-conditioner tensors under ``timing.``; the configs as JSON in the metadata
 (``autoencoder_config``, and ``dit_config`` when the source has a config file).
+
+A whole model that generates, DiT + timing conditioners + VAE + the T5 it names, is a bundle instead:
+``pipeline.weights.bundle.import_bundle(src, dst_folder, preset, t5)`` (``longplay weights import SRC --to FOLDER``)
+checks the source's architecture against a diffusion preset field by field and writes what
+``pipeline.components.load_bundle`` loads.
 """
 
 from __future__ import annotations
