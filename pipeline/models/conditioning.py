@@ -129,9 +129,14 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
         timing_frame_rate=44100 / 1024,  # the tiny VAE's latent rate; see "Timing frames" above
     ),
     # Stable Audio Open's conditioning at the tiny size (CPU tests of T5 conditioning, checkpoint import and
-    # fine-tuning): the tiny DiT without the timing-frame channel, 64-d T5 tokens padded to 128, like sa-open
+    # fine-tuning): the tiny DiT without the timing-frame channel, 64-d T5 tokens padded to 128 and not masked in
+    # cross-attention, like sa-open
     "tiny-open": DiffusionModelConfig(
-        backbone="dit", dit=DIT_PRESETS["tiny"], io_channels=16, cond_token_dim=64, max_text_tokens=128
+        backbone="dit",
+        dit=dataclasses.replace(DIT_PRESETS["tiny"], use_cross_attn_mask=False),
+        io_channels=16,
+        cond_token_dim=64,
+        max_text_tokens=128,
     ),
     # the sa1 architecture (U-Net, per-second timing embeddings, learned null sequence) at the tiny size: CPU tests
     # and `benchmarks/gpu.py --preset tiny`

@@ -70,8 +70,9 @@ class DiTConfig:
 
 
 DIT_PRESETS: dict[str, DiTConfig] = {
-    # Stable Audio Open 1.0: 64-ch latents, D=1536, 24 blocks, 24 heads, 768-d text/timing tokens, 1536-d timing
-    "sa-open": DiTConfig(),
+    # Stable Audio Open 1.0: 64-ch latents, D=1536, 24 blocks, 24 heads, 768-d text/timing tokens, 1536-d timing;
+    # cross-attention sees the padded T5 positions too (zero vectors), as Open was trained
+    "sa-open": DiTConfig(use_cross_attn_mask=False),
     # CPU tests and the demo: 16-ch latents, 64-d CLAP text tokens
     "tiny": DiTConfig(
         io_channels=16,

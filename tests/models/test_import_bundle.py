@@ -6,13 +6,9 @@ DiT, projection model, Oobleck VAE) and a stable-audio-tools ``diffusion_cond`` 
 what diffusers' pipeline feeds its transformer and gets back (test_t5.py's approach), and the two imports against
 each other.
 
-Two presets are adjusted for the duration of this module, in this process only (the ``longplay`` subprocesses see the
-real ones):
+One preset is added for the duration of this module, in this process only:
 
-- ``tiny-open`` without the cross-attention mask: neither published model masks padded text tokens
-  (``pipeline.weights.dit``), so an import derives ``use_cross_attn_mask=False`` and the real preset, which masks,
-  is refused by name (``test_the_cross_attention_mask_is_compared``) until the preset itself says False.
-- ``tiny-open-h64``: the same with one 64-d head (rotary over 32 channels, 256 timestep features). stable-audio-tools
+- ``tiny-open-h64``: tiny-open with one 64-d head (rotary over 32 channels, 256 timestep features). stable-audio-tools
   rotates max(head_dim // 2, 32) channels of every head and always has 256 timestep features, so a stable-audio-tools
   model cannot have tiny-open's 16-d heads (``test_stable_audio_tools_configs_we_cannot_run_are_refused``); at
   head_dim 64 both layouts compute the same model, as Open's 64-d heads do.
@@ -87,15 +83,13 @@ TOL = 1e-4  # against diffusers (float32; other kernels)
 
 @pytest.fixture(scope="module", autouse=True)
 def presets():
-    """tiny-open as the published models compute it (no cross-attention mask) and tiny-open-h64 (module docstring)."""
-    unmasked = DIFFUSION_PRESETS["tiny-open"]
-    unmasked = dataclasses.replace(unmasked, dit=dataclasses.replace(unmasked.dit, use_cross_attn_mask=False))
+    """tiny-open-h64 (module docstring)."""
+    tiny_open = DIFFUSION_PRESETS["tiny-open"]
     h64 = dataclasses.replace(
-        unmasked.dit, num_heads=1, cross_attn_kv_heads=1, rotary_dim=32, timestep_features_dim=256
+        tiny_open.dit, num_heads=1, cross_attn_kv_heads=1, rotary_dim=32, timestep_features_dim=256
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(DIFFUSION_PRESETS, "tiny-open", unmasked)
-        patch.setitem(DIFFUSION_PRESETS, H64, dataclasses.replace(unmasked, dit=h64))
+        patch.setitem(DIFFUSION_PRESETS, H64, dataclasses.replace(tiny_open, dit=h64))
         yield
 
 
@@ -325,7 +319,7 @@ def test_stable_audio_tools_checkpoint_gives_the_same_model(
 
 
 def test_the_cross_attention_mask_is_compared(reference: tuple, tmp_path: Path, monkeypatch) -> None:
-    """The real tiny-open (today) masks padded text tokens; the published models do not: refused, by name."""
+    """A preset that masks padded text tokens is not the published models (which do not): refused, by name."""
     masked = DIFFUSION_PRESETS["tiny-open"]
     masked = dataclasses.replace(masked, dit=dataclasses.replace(masked.dit, use_cross_attn_mask=True))
     monkeypatch.setitem(DIFFUSION_PRESETS, "tiny-open", masked)

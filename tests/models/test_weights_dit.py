@@ -70,7 +70,7 @@ def test_config_from_diffusers(reference: torch.nn.Module) -> None:
     assert (cfg.cross_attn_kv_heads, cfg.cond_token_dim, cfg.cross_attn_dim, cfg.global_cond_dim) == (1, 16, 16, 16)
     assert cfg.rotary_dim == 4 and cfg.timestep_features_dim == 16 and not cfg.use_cross_attn_mask
     # diffusers' defaults are Stable Audio Open's, which must be our sa-open preset (up to the mask flag)
-    assert dit_config_from_diffusers({}) == dataclasses.replace(DIT_PRESETS["sa-open"], use_cross_attn_mask=False)
+    assert dit_config_from_diffusers({}) == DIT_PRESETS["sa-open"]
 
 
 def test_diffusers_weights_give_the_same_output(reference: torch.nn.Module) -> None:
@@ -154,8 +154,7 @@ def test_stable_audio_open_config() -> None:
             }
         }
     }
-    expected = dataclasses.replace(DIT_PRESETS["sa-open"], use_cross_attn_mask=False)
-    assert dit_config_from_stable_audio_tools(sa_open) == expected
+    assert dit_config_from_stable_audio_tools(sa_open) == DIT_PRESETS["sa-open"]
     with pytest.raises(ValueError, match="adaLN"):
         dit_config_from_stable_audio_tools({**sa_open["model"]["diffusion"]["config"], "global_cond_type": "adaLN"})
 
