@@ -106,15 +106,19 @@ def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) 
     pieces = [s.audio for p in sorted(root.glob("*.wav")) for s in audio.segments(audio.decode(str(p)).audio, 95.0)]
     encode.encode(model, pieces[:1], cfg.batch_size, cfg.chunk_seconds)  # warm-up (kernel selection)
     seconds = sum(p.shape[-1] for p in pieces) / 44100
-    best = float("inf")
+    passes = []
     for _ in range(repeats):
         start = time.perf_counter()
         encode.encode(model, pieces, cfg.batch_size, cfg.chunk_seconds)
-        best = min(best, time.perf_counter() - start)
+        passes.append(time.perf_counter() - start)
+    # The first pass meets every piece length for the first time, as a job does (the heap grows, new shapes); later
+    # passes reuse all of that, which no single job over new files can: the job is compared with both.
     return {
         "audio_seconds": round(seconds, 3),
-        "wall_seconds": round(best, 3),
-        "audio_seconds_per_second": round(seconds / best, 2),
+        "wall_seconds": round(min(passes), 3),
+        "audio_seconds_per_second": round(seconds / min(passes), 2),
+        "first_pass_seconds": round(passes[0], 3),
+        "first_pass_audio_seconds_per_second": round(seconds / passes[0], 2),
     }
 
 
@@ -177,6 +181,12 @@ def main() -> int:
         "job": {f"workers_{r['workers']}": r for r in runs},
         "job_over_encoder": {
             f"workers_{r['workers']}": round(r["audio_seconds_per_second"] / enc["audio_seconds_per_second"], 3)
+            for r in runs
+        },
+        "job_over_encoder_first_pass": {
+            f"workers_{r['workers']}": round(
+                r["audio_seconds_per_second"] / enc["first_pass_audio_seconds_per_second"], 3
+            )
             for r in runs
         },
         "speedup_2_over_1_workers": round(runs[1]["audio_seconds_per_second"] / runs[0]["audio_seconds_per_second"], 3),
