@@ -105,7 +105,7 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             batch = loop.to_device(progress.next_batch(batches), engine.device)
             if progress.skip_nonfinite(batch["x"]):
                 continue
-            with torch.no_grad(), inference_autocast(engine.device):  # frozen encoder, bf16 on CUDA: (B, L, D), (B, L)
+            with torch.no_grad(), inference_autocast(engine.device, cpu=False):  # frozen, bf16 on CUDA: (B, L, D)
                 tokens, token_mask = text.encode(batch["caption"])
             loss = diffusion_loss(engine, batch, tokens, token_mask, cfg.cfg_dropout, engine.dtype)
             if progress.skip_nonfinite(loss):

@@ -152,5 +152,7 @@ def test_cpu_inference_runs_in_bf16_only_where_the_cpu_has_it_and_the_switch_all
                 assert torch.is_autocast_enabled("cpu") is expected
                 y = torch.nn.Linear(4, 4)(torch.ones(1, 4))
             assert y.dtype == (torch.bfloat16 if expected else torch.float32)
+            with generate.inference_autocast(cpu, cpu=False):  # the training loop's text encoding: fp32 on the CPU
+                assert not torch.is_autocast_enabled("cpu")
     finally:
         generate.cpu_bf16.cache_clear()
