@@ -9,7 +9,9 @@ Writes ``OUT/gpu.json`` with three sections (speed does not depend on the weight
    in fp32): seconds to sample the latents, seconds to decode, peak memory without and with the decode.
 2. ``training``: one bf16 step of the sa1 U-Net and the sa-open DiT (the v-objective of ``train/diffusion.py``) under
    DeepSpeed ZeRO-2 at world size 1 on 95 s windows, without and with activation checkpointing, at the largest
-   micro-batch that fits (doubling until out of memory): samples/s and peak memory.
+   micro-batch that fits (doubling until out of memory): samples/s and peak memory. Then a LoRA step on sa-open
+   (issue 16: rank 16 on the DiT's attention projections, the rest frozen, as configs/sa-open/diffusion-lora.yaml)
+   on Open's 47.55 s window.
 3. ``vae``: encoding 95 s with the sa1 and sa-open VAEs in fp32 and under bf16 autocast: audio-seconds per second and
    the relative difference of the latents (‖z_bf16 − z_fp32‖ / ‖z_fp32‖); the same for the decode.
 The tiny preset swaps in the tiny models (the U-Net and the DiT at test size), 2 s, 3 steps, batch 1 and 2.
@@ -32,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SAMPLE_RATE = 44100
+LORA_RANK, LORA_TARGETS = 16, ["to_q", "to_k", "to_v", "to_out"]  # configs/sa-open/diffusion-lora.yaml
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class Preset:
     micro_batches: tuple[int, ...]  # training micro-batches tried, in order, until one does not fit
     timed_steps: int  # training steps timed at the largest micro-batch (after one warm-up step)
     precision: str  # DeepSpeed precision of the training step
+    lora_seconds: float = (
+        47.5544  # the LoRA step's window: the one Stable Audio Open was trained on (2,097,152 samples)
+    )
 
 
 PRESETS = {
@@ -66,6 +72,7 @@ PRESETS = {
         micro_batches=(1, 2),
         timed_steps=1,
         precision="bf16",  # the path the GPU run takes (DeepSpeed's bf16 engine also runs on the CPU)
+        lora_seconds=2.0,
     ),
 }
 
@@ -196,16 +203,22 @@ def train_config(preset: Preset, micro_batch: int, checkpointing: bool):
     )
 
 
-def new_engine(preset: Preset, diffusion_preset: str, micro_batch: int, checkpointing: bool, device):
-    """A ZeRO-2 DeepSpeed engine (world size 1) over a freshly initialised model built on ``device``."""
+def new_engine(
+    preset: Preset, diffusion_preset: str, micro_batch: int, checkpointing: bool, device, lora_rank: int = 0
+):
+    """A ZeRO-2 DeepSpeed engine (world size 1) over a freshly initialised model built on ``device``; with
+    ``lora_rank`` the model is frozen and only peft LoRA adapters on its attention projections train."""
     import torch
 
+    from pipeline import lora
     from pipeline.models.conditioning import build_diffusion_model
     from train.engine import Engine
 
     torch.manual_seed(0)
     with torch.device(device):
         model = build_diffusion_model(diffusion_preset, activation_checkpointing=checkpointing)
+        if lora_rank:
+            lora.add_adapters(model, lora.settings(lora_rank, None, 0.0, LORA_TARGETS))
     return Engine(model, train_config(preset, micro_batch, checkpointing), 0, 1)
 
 
@@ -229,14 +242,16 @@ def train_step(engine, micro_batch: int, frames: int, seconds: float) -> None:
         raise FloatingPointError("non-finite loss")
 
 
-def largest_fitting(preset: Preset, diffusion_preset: str, frames: int, checkpointing: bool, device):
+def largest_fitting(
+    preset: Preset, diffusion_preset: str, frames: int, checkpointing: bool, device, seconds: float, lora_rank: int = 0
+):
     """(engine, micro-batch): double the micro-batch until a step runs out of memory; the engine returned is fresh
     when one did (a failed step leaves partial state behind), and None if not even the first fits."""
-    engine = new_engine(preset, diffusion_preset, preset.micro_batches[-1], checkpointing, device)
+    engine = new_engine(preset, diffusion_preset, preset.micro_batches[-1], checkpointing, device, lora_rank)
     fits, out_of_memory = None, False
     for micro_batch in preset.micro_batches:
         try:
-            train_step(engine, micro_batch, frames, preset.seconds)
+            train_step(engine, micro_batch, frames, seconds)
             fits = micro_batch
         except RuntimeError as err:
             if not is_out_of_memory(err):
@@ -247,42 +262,63 @@ def largest_fitting(preset: Preset, diffusion_preset: str, frames: int, checkpoi
         return engine, fits
     del engine
     free(device)
-    return (new_engine(preset, diffusion_preset, fits, checkpointing, device), fits) if fits else (None, None)
+    if not fits:
+        return None, None
+    return new_engine(preset, diffusion_preset, fits, checkpointing, device, lora_rank), fits
 
 
 def bench_training(preset: Preset, device) -> list[dict]:
-    from pipeline.models.autoencoder import AUTOENCODER_PRESETS
-
     rows = []
     for label, (diffusion_preset, vae_preset) in preset.models.items():
-        frames = math.ceil(preset.seconds * SAMPLE_RATE / AUTOENCODER_PRESETS[vae_preset].downsampling)
         for checkpointing in (False, True):
-            row = {"model": label, "diffusion_preset": diffusion_preset, "activation_checkpointing": checkpointing}
-            row |= {"zero_stage": 2, "precision": preset.precision, "window_seconds": preset.seconds}
-            row |= {"window_frames": frames, "largest_tried": preset.micro_batches[-1]}
-            engine, fits = largest_fitting(preset, diffusion_preset, frames, checkpointing, device)
-            if engine is None:
-                rows.append(row | {"micro_batch": 0})
-                continue
-            train_step(engine, fits, frames, preset.seconds)  # warm-up at that size
-            reset_peak(device)
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(preset.timed_steps):
-                train_step(engine, fits, frames, preset.seconds)
-            synchronize(device)
-            elapsed = time.perf_counter() - started
             rows.append(
-                row
-                | {"micro_batch": fits, "steps_timed": preset.timed_steps}
-                | {"step_s": round(elapsed / preset.timed_steps, 4)}
-                | {"samples_per_s": round(fits * preset.timed_steps / elapsed, 3), "peak_gib": peak_gib(device)}
+                training_row(preset, label, diffusion_preset, vae_preset, checkpointing, preset.seconds, device)
             )
-            print(json.dumps(rows[-1]), file=sys.stderr)
-            engine.close()
-            del engine
-            free(device)
+    diffusion_preset, vae_preset = preset.models["sa-open"]
+    rows.append(
+        training_row(preset, "sa-open", diffusion_preset, vae_preset, False, preset.lora_seconds, device, LORA_RANK)
+    )
     return rows
+
+
+def training_row(
+    preset: Preset,
+    label: str,
+    diffusion_preset: str,
+    vae_preset: str,
+    checkpointing: bool,
+    seconds: float,
+    device,
+    lora_rank: int = 0,
+) -> dict:
+    """Samples/s and peak memory of a training step at the largest micro-batch that fits on ``seconds`` windows."""
+    from pipeline.models.autoencoder import AUTOENCODER_PRESETS
+
+    frames = math.ceil(seconds * SAMPLE_RATE / AUTOENCODER_PRESETS[vae_preset].downsampling)
+    row = {"model": label, "diffusion_preset": diffusion_preset, "activation_checkpointing": checkpointing}
+    row |= {"lora_rank": lora_rank, "zero_stage": 2, "precision": preset.precision, "window_seconds": seconds}
+    row |= {"window_frames": frames, "largest_tried": preset.micro_batches[-1]}
+    engine, fits = largest_fitting(preset, diffusion_preset, frames, checkpointing, device, seconds, lora_rank)
+    if engine is None:
+        return row | {"micro_batch": 0}
+    if lora_rank:
+        module = engine.module
+        row["trainable_parameters"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    train_step(engine, fits, frames, seconds)  # warm-up at that size
+    reset_peak(device)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(preset.timed_steps):
+        train_step(engine, fits, frames, seconds)
+    synchronize(device)
+    elapsed = time.perf_counter() - started
+    row |= {"micro_batch": fits, "steps_timed": preset.timed_steps, "step_s": round(elapsed / preset.timed_steps, 4)}
+    row |= {"samples_per_s": round(fits * preset.timed_steps / elapsed, 3), "peak_gib": peak_gib(device)}
+    print(json.dumps(row), file=sys.stderr)
+    engine.close()
+    del engine
+    free(device)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------- 3. VAE

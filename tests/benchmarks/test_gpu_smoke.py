@@ -53,7 +53,11 @@ def test_the_gpu_benchmark_runs_on_the_cpu_with_the_tiny_preset(tmp_path):
         ("sa1", True),
         ("sa-open", False),
         ("sa-open", True),
+        ("sa-open", False),
     ]
+    assert [r["lora_rank"] for r in training] == [0, 0, 0, 0, 16]  # the last: LoRA on Open's window (issue 16)
+    lora_row = training[-1]
+    assert lora_row["window_seconds"] == 2.0 and 0 < lora_row["trainable_parameters"] < 0.2 * _parameters("tiny")
     assert all(r["micro_batch"] == 2 and r["zero_stage"] == 2 for r in training)  # the largest tried fits on CPU
     assert all(r["precision"] == "bf16" for r in training)  # DeepSpeed's bf16 engine, as on the GPU
     _numbers(training, ("step_s", "samples_per_s", "window_frames"))
@@ -63,6 +67,12 @@ def test_the_gpu_benchmark_runs_on_the_cpu_with_the_tiny_preset(tmp_path):
     # bf16 changes the latents a little, never by nothing (then it did not run in bf16) nor wholesale
     assert 0 < vae["latents_relative_difference_bf16"] < 0.1 and 0 < vae["decode_relative_difference_bf16"] < 0.1
     assert set(report["seconds"]) == {"generation", "training", "vae", "total"}
+
+
+def _parameters(diffusion_preset: str) -> int:
+    from pipeline.models.conditioning import build_diffusion_model
+
+    return sum(p.numel() for p in build_diffusion_model(diffusion_preset).parameters())
 
 
 def test_asking_for_cuda_without_it_exits_2_with_one_line(tmp_path):
@@ -90,7 +100,7 @@ def test_the_largest_micro_batch_is_found_by_doubling_until_out_of_memory(memory
     spec.loader.exec_module(gpu)
     engines, steps = [], []
 
-    def new_engine(preset, name, micro_batch, checkpointing, device):
+    def new_engine(preset, name, micro_batch, checkpointing, device, lora_rank):
         engines.append(micro_batch)
         return f"engine{len(engines)}"
 
@@ -102,7 +112,7 @@ def test_the_largest_micro_batch_is_found_by_doubling_until_out_of_memory(memory
     monkeypatch.setattr(gpu, "new_engine", new_engine)
     monkeypatch.setattr(gpu, "train_step", train_step)
     preset = gpu.Preset(95.0, 100, 7.0, {}, (1,), (1, 2, 4, 8), 3, "bf16")
-    engine, fits = gpu.largest_fitting(preset, "sa1", 4092, False, torch.device("cpu"))
+    engine, fits = gpu.largest_fitting(preset, "sa1", 4092, False, torch.device("cpu"), 95.0)
     assert fits == expected
     tried = [b for b in (1, 2, 4, 8) if b <= min(memory * 2 or 1, 8)]
     assert [b for _, b in steps] == tried

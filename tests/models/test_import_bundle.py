@@ -27,14 +27,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_t5 import write_tiny_t5  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
+from finetune_bundles import (
+    fixed_batch_loss,
+)  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
+from tiny_t5 import write_tiny_t5
 
 from pipeline.components import load_bundle
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.generate import Bundle
-from pipeline.models.conditioning import DIFFUSION_PRESETS
+from pipeline.models.conditioning import DIFFUSION_PRESETS, build_diffusion_model
 from pipeline.t5 import T5Conditioner
 from pipeline.weights.bundle import import_bundle
+from train.diffusion import fine_tune_base, text_encoder_of
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel  # noqa: E402
@@ -205,6 +209,24 @@ def test_diffusers_folder_imports_as_a_bundle_that_matches_the_pipeline(referenc
 
     (audio,) = bundle.generate(["a prompt"], 1.0, steps=2, cfg_scale=7)
     assert audio.shape == (2, 16) and audio.dtype == np.float32 and np.isfinite(audio).all()  # 1 s at 16 Hz
+
+
+def test_a_full_fine_tune_from_the_imported_bundle_starts_at_its_loss(reference: tuple, imported: tuple) -> None:
+    """`train diffusion model.init_from=IMPORTED`: the loop's fresh model takes the imported weights
+    (``fine_tune_base``), and its first loss is the imported model's on the same batch, bit for bit, with the bundle's
+    T5 as the text conditioner; a fresh model's loss is not."""
+    dst, _ = imported
+    overrides = [f"model.init_from={dst}", "model.preset=tiny-open", "model.text_encoder=t5", "model.clap=null"]
+    cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / "diffusion.yaml", overrides)
+    torch.manual_seed(123)
+    model = build_diffusion_model("tiny-open")
+    base = fine_tune_base(cfg, model)
+    assert base is not None and text_encoder_of(cfg, base) == ("t5", str(reference[1].resolve()))
+    tokens, mask = base.text.encode(CAPTIONS + ["a third caption"])
+    first = fixed_batch_loss(model, tokens, mask)
+    assert first == fixed_batch_loss(base.diffusion, tokens, mask)
+    torch.manual_seed(123)
+    assert first != fixed_batch_loss(build_diffusion_model("tiny-open"), tokens, mask)
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_bundles import CLASSES, write_base_bundle  # this folder is on sys.path (rootless test folders)
+from finetune_bundles import CLASSES, fixed_batch_loss, write_base_bundle  # tests/ is on sys.path (rootless conftest)
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.models.conditioning import build_diffusion_model
-from train.diffusion import diffusion_loss, fine_tune_base
+from train.diffusion import fine_tune_base
 
 REPO = Path(__file__).resolve().parents[2]
 DIFFUSION = REPO / "configs" / "tiny" / "diffusion.yaml"
-
-
-def _loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> float:
-    """The training objective on one fixed batch, with the same draws of t, noise and CFG dropout every call."""
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "x": torch.randn(3, 16, 43, generator=gen),
-        "seconds_start": torch.zeros(3),
-        "seconds_total": torch.tensor([1.0, 2.0, 3.0]),
-    }
-    torch.manual_seed(5)
-    return diffusion_loss(model.train(), batch, tokens, mask, cfg_dropout=0.1).item()
 
 
 def test_a_full_fine_tune_starts_at_the_base_models_loss(tmp_path: Path) -> None:
@@ -38,12 +26,12 @@ def test_a_full_fine_tune_starts_at_the_base_models_loss(tmp_path: Path) -> None
     cfg = load_config(TrainConfig, DIFFUSION, [f"model.init_from={base_dir}", "model.clap=null"])
     torch.manual_seed(123)  # not the base's seed: the weights must come from the bundle
     model = build_diffusion_model(cfg.model.preset)
-    fresh = _loss(model, *_tokens(base_dir))
+    fresh = fixed_batch_loss(model, *_tokens(base_dir))
     base = fine_tune_base(cfg, model)
     assert base is not None and base.text_source == ("clap", str(base_dir / "clap"))
     tokens, mask = base.text.encode(CLASSES)
-    assert _loss(model, tokens, mask) == _loss(base.diffusion, tokens, mask)
-    assert _loss(model, tokens, mask) != fresh
+    assert fixed_batch_loss(model, tokens, mask) == fixed_batch_loss(base.diffusion, tokens, mask)
+    assert fixed_batch_loss(model, tokens, mask) != fresh
 
 
 def _tokens(base_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Base bundles for the fine-tuning tests, written rather than trained (seeded random weights)."""
+"""Base bundles for the fine-tuning tests, written rather than trained (seeded random weights), and the training
+objective on one fixed batch (where a fine-tune starts)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.models.autoencoder import build_autoencoder
 from pipeline.models.clap import build_clap
 from pipeline.models.conditioning import build_diffusion_model
 from pipeline.text import train_tokenizer
+from train.diffusion import diffusion_loss
 
 LATENT_RATE = 44100 / 1024  # the tiny VAE's, as in the latent shards (tests/train/conftest.py)
 CLASSES = ["solo piano in C major", "string quartet in D minor", "brass band march in B flat"]  # some of the shards'
@@ -40,3 +42,16 @@ def write_base_bundle(root: Path, text_encoder: str, t5_uri: str | None = None) 
     save_vae(build_autoencoder("tiny"), root / "autoencoder")
     (root / "config.json").write_text(json.dumps(config))
     return root
+
+
+def fixed_batch_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, channels: int = 16) -> float:
+    """The training objective on one fixed batch of 3 latent crops, with the same draws of t, noise and CFG dropout
+    every call: two models with the same weights give the same number, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "x": torch.randn(3, channels, 43, generator=gen),
+        "seconds_start": torch.zeros(3),
+        "seconds_total": torch.tensor([1.0, 2.0, 3.0]),
+    }
+    torch.manual_seed(5)
+    return diffusion_loss(model.train(), batch, tokens, mask, cfg_dropout=0.1).item()
