@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from finetune_bundles import (
+from bundles import (
     fixed_batch_loss,
 )  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
 from tiny_t5 import write_tiny_t5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_bundles import CLASSES, fixed_batch_loss, write_base_bundle  # tests/ is on sys.path (rootless conftest)
+from bundles import CLASSES, fixed_batch_loss, write_base_bundle  # tests/ is on sys.path (rootless conftest)
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.models.conditioning import build_diffusion_model

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from finetune_bundles import (
+from bundles import (
     CLASSES,
     write_base_bundle,
 )  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)

@@ -1,5 +1,6 @@
-"""Base bundles for the fine-tuning tests, written rather than trained (seeded random weights), and the training
-objective on one fixed batch (where a fine-tune starts)."""
+"""Bundles for the tests, written rather than trained (seeded random weights): a tiny CLAP export, a diffusion bundle
+as `train diffusion` exports it (the fine-tuning tests' base), and the training objective on one fixed batch (where a
+fine-tune starts)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ LATENT_RATE = 44100 / 1024  # the tiny VAE's, as in the latent shards (tests/tra
 CLASSES = ["solo piano in C major", "string quartet in D minor", "brass band march in B flat"]  # some of the shards'
 
 
+def write_clap_export(folder: Path, captions: list[str]) -> Path:
+    """A tiny CLAP as `train clap` exports it: a tokenizer trained on ``captions``, random weights (torch's RNG)."""
+    folder.mkdir(parents=True)
+    tokenizer = train_tokenizer(captions, vocab_size=300)
+    tokenizer.save(folder / "tokenizer.json")
+    clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
+    save_file({k: v.contiguous() for k, v in clap.state_dict().items()}, str(folder / "model.safetensors"))
+    config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def write_base_bundle(root: Path, text_encoder: str, t5_uri: str | None = None) -> Path:
     """A bundle as `train diffusion` exports it, with seeded random weights: diffusion model, text conditioner (a tiny
     CLAP export in clap/, or a reference to a T5), and the tiny VAE (seed 0, as the latent shards')."""
@@ -29,13 +42,7 @@ def write_base_bundle(root: Path, text_encoder: str, t5_uri: str | None = None) 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
     config = {"kind": "diffusion", "preset": "tiny", "latent_rate": LATENT_RATE, "window_seconds": 1.0}
     if text_encoder == "clap":
-        tokenizer = train_tokenizer(CLASSES * 4, vocab_size=300)
-        (root / "clap").mkdir()
-        tokenizer.save(root / "clap" / "tokenizer.json")
-        clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
-        save_file({k: v.contiguous() for k, v in clap.state_dict().items()}, str(root / "clap" / "model.safetensors"))
-        clap_config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
-        (root / "clap" / "config.json").write_text(json.dumps(clap_config))
+        write_clap_export(root / "clap", CLASSES * 4)
     else:
         config.update({"text_encoder": "t5", "t5": t5_uri})
     torch.manual_seed(0)
