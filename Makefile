@@ -38,7 +38,7 @@ demo: install tools
 
 bench: install
 	@mkdir -p benchmarks/results
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b --out benchmarks/results || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b --out benchmarks/results || exit 1; done
 
 stack-up: install
 	$(BIN)/longplay stack up

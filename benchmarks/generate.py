@@ -27,49 +27,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # _arch.py, when loaded by another script
+
+from _arch import arch_models  # noqa: E402
 
 FRAMES = 216  # 10.03 s at 44100 / 2048
 TOKENS = 3  # context tokens: one text token + seconds_start + seconds_total
-
-
-def arch_models():
-    """(VAE, conditioned DiT) of ARCH.md, seed 0."""
-    import torch
-
-    from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig
-    from pipeline.models.conditioning import ConditionedDiffusionModel, DiffusionModelConfig
-    from pipeline.models.dit import DiTConfig
-
-    vae_cfg = AutoencoderConfig(
-        latent_channels=16,
-        strides=(2, 4, 4, 8, 8),
-        encoder_channels=16,
-        encoder_multipliers=(1, 2, 4, 8, 16),
-        encoder_out_kernel=3,
-        decoder_channels=16,
-        decoder_multipliers=(1, 2, 4, 8, 16),
-        decoder_in_kernel=7,
-        decoder_out_bias=False,
-        final_tanh=False,
-    )
-    dit = DiTConfig(
-        io_channels=16,
-        embed_dim=256,
-        depth=4,
-        num_heads=4,
-        cond_token_dim=128,
-        cross_attn_dim=128,
-        cross_attn_kv_heads=2,
-        global_cond_dim=256,
-        timestep_features_dim=256,
-        rotary_dim=32,
-        use_cross_attn_mask=False,
-    )
-    cfg = DiffusionModelConfig(
-        backbone="dit", dit=dit, io_channels=16, cond_token_dim=128, timing="fourier", timing_global=True
-    )
-    torch.manual_seed(0)
-    return Autoencoder(vae_cfg).eval(), ConditionedDiffusionModel(cfg).eval()
 
 
 def timed(fn, repeats: int) -> list[float]:

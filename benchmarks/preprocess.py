@@ -2,10 +2,11 @@
 
     python benchmarks/preprocess.py --out benchmarks/results [--vae preset:tiny|arch|URI] [--clips 16] [--seconds 20]
     python benchmarks/preprocess.py --out benchmarks/results --vae arch --inputs shared   # the shared comparison
+    python benchmarks/preprocess.py --out DIR --vae arch --clips 64 --seconds 20   # steady state: 8 shards per worker
 
 Measures, on a synthetic set of 44.1 kHz stereo wav clips in a temp dir:
 - ``encoder_only``: the VAE encoder on pre-decoded tensors (same batching as the job, one thread per worker,
-  so it is the ceiling for one worker);
+  so it is the ceiling for one worker), in a fresh process as a worker is;
 - ``job``: ``longplay preprocess`` end to end (list, decode, encode, tar, write, index) on Ray with 1 and with 2
   workers, each worker 1 CPU; wall time includes starting the actors, as a user would see it.
 The ratio ``job / encoder_only`` makes the pipeline's overhead visible; each job run also carries the job's own
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -31,6 +33,9 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # _arch.py, when loaded by another script
+
+from _arch import vae_config  # noqa: E402
 
 from pipeline.config import PreprocessConfig  # noqa: E402
 
@@ -76,22 +81,10 @@ def arch_vae(directory: Path) -> str:
     import torch
 
     from pipeline import components
-    from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig
+    from pipeline.models.autoencoder import Autoencoder
 
-    cfg = AutoencoderConfig(
-        latent_channels=16,
-        strides=(2, 4, 4, 8, 8),
-        encoder_channels=16,
-        encoder_multipliers=(1, 2, 4, 8, 16),
-        encoder_out_kernel=3,
-        decoder_channels=16,
-        decoder_multipliers=(1, 2, 4, 8, 16),
-        decoder_in_kernel=7,
-        decoder_out_bias=False,
-        final_tanh=False,
-    )
     torch.manual_seed(0)
-    return str(components.save_vae(Autoencoder(cfg), directory))
+    return str(components.save_vae(Autoencoder(vae_config()), directory))
 
 
 def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) -> dict:
@@ -151,8 +144,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    from pipeline import cluster
+    from pipeline import allocator, cluster
 
+    allocator.tune()  # before the first tensor (the VAE built below) and before Ray starts: as `longplay` runs
     cluster.connect(num_cpus=os.cpu_count())
     cfg = PreprocessConfig(samples_per_shard=4, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="longplay-bench-src-") as tmp:
@@ -170,7 +164,10 @@ def main() -> int:
                 "seconds_each": args.seconds,
                 "audio_seconds": round(total, 3),
             }
-        enc = encoder_only(vae, src, cfg)
+        # In a process of its own, like the job's workers: run here, the encoder's heap (GBs of huge pages at the
+        # steady-state size) stayed with the driver and the jobs after it encoded 1.2x slower than in a fresh process.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            enc = pool.apply(encoder_only, (vae, src, cfg))
         runs = [job_run(vae, src, workers, cfg) for workers in (1, 2)]
     result = {
         "benchmark": "preprocess",

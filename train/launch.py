@@ -108,6 +108,7 @@ def trainer(cfg: TrainConfig):
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env.update(worker_env(cfg.scaling.use_gpu))
     env["OMP_NUM_THREADS"] = str(max(1, int(cfg.scaling.cpus_per_worker)))
+    env.update(allocator.child_env())  # huge pages from the worker's first tensor on (pipeline/allocator.py)
     return TorchTrainer(
         worker_main,
         train_loop_config={"train": cfg.model_dump(mode="json")},
