@@ -17,6 +17,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from bundles import write_clap_export  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
 
 from pipeline import shards
 
@@ -88,21 +89,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _write_clap(directory, captions: list[str]) -> None:
-    from safetensors.torch import save_file
-
-    from pipeline.models.clap import build_clap
-    from pipeline.text import train_tokenizer
-
-    directory.mkdir()
-    tokenizer = train_tokenizer(captions, vocab_size=300)
-    tokenizer.save(directory / "tokenizer.json")
-    clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
-    save_file({k: v.contiguous() for k, v in clap.state_dict().items()}, str(directory / "model.safetensors"))
-    config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
-    (directory / "config.json").write_text(json.dumps(config))
-
-
 def _write_audio_shards(out: str, count: int = 4) -> None:
     """Audio shards (the ``--vae none`` layout) of 1 s stereo noise at 44.1 kHz, for the VAE loop."""
     import soundfile as sf
@@ -132,7 +118,7 @@ def test_training_loops_hand_the_model_inputs_on_the_engines_device(kind, tmp_pa
     else:
         dataset_writer(str(tmp_path / "shards"), "preset:tiny", train_shards=(8,), val=2)
     if kind == "diffusion":
-        _write_clap(tmp_path / "clap", CAPTIONS)
+        write_clap_export(tmp_path / "clap", CAPTIONS)
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(_free_port()), kind, str(tmp_path)],
         capture_output=True,
