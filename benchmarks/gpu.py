@@ -10,8 +10,7 @@ Writes ``OUT/gpu.json`` with three sections (speed does not depend on the weight
 2. ``training``: one bf16 step of the sa1 U-Net and the sa-open DiT (the v-objective of ``train/diffusion.py``) under
    DeepSpeed ZeRO-2 at world size 1 on 95 s windows, without and with activation checkpointing, at the largest
    micro-batch that fits (doubling until out of memory): samples/s and peak memory. Then a LoRA step on sa-open
-   (issue 16: rank 16 on the DiT's attention projections, the rest frozen, as configs/sa-open/diffusion-lora.yaml)
-   on Open's 47.55 s window.
+   (issue 16) as configs/sa-open/diffusion-lora.yaml sets it (adapters, the rest frozen, Open's 47.55 s window).
 3. ``vae``: encoding 95 s with the sa1 and sa-open VAEs in fp32 and under bf16 autocast: audio-seconds per second and
    the relative difference of the latents (‖z_bf16 − z_fp32‖ / ‖z_fp32‖); the same for the decode.
 The tiny preset swaps in the tiny models (the U-Net and the DiT at test size), 2 s, 3 steps, batch 1 and 2.
@@ -34,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SAMPLE_RATE = 44100
-LORA_RANK, LORA_TARGETS = 16, ["to_q", "to_k", "to_v", "to_out"]  # configs/sa-open/diffusion-lora.yaml
+LORA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sa-open" / "diffusion-lora.yaml"
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,7 @@ class Preset:
     micro_batches: tuple[int, ...]  # training micro-batches tried, in order, until one does not fit
     timed_steps: int  # training steps timed at the largest micro-batch (after one warm-up step)
     precision: str  # DeepSpeed precision of the training step
-    lora_seconds: float = (
-        47.5544  # the LoRA step's window: the one Stable Audio Open was trained on (2,097,152 samples)
-    )
+    lora_seconds: float | None = None  # the LoRA step's window; None: LORA_CONFIG's (Open's 2,097,152 samples)
 
 
 PRESETS = {
@@ -203,11 +200,21 @@ def train_config(preset: Preset, micro_batch: int, checkpointing: bool):
     )
 
 
+def lora_recipe() -> tuple[dict, float]:
+    """The LoRA settings (``pipeline.lora.settings``) and window seconds of LORA_CONFIG: what the LoRA row times."""
+    from pipeline import lora
+    from pipeline.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, LORA_CONFIG)
+    ls = cfg.model.lora
+    return lora.settings(ls.rank, ls.alpha, ls.dropout, ls.target_modules), cfg.data.window_seconds
+
+
 def new_engine(
-    preset: Preset, diffusion_preset: str, micro_batch: int, checkpointing: bool, device, lora_rank: int = 0
+    preset: Preset, diffusion_preset: str, micro_batch: int, checkpointing: bool, device, lora_settings=None
 ):
     """A ZeRO-2 DeepSpeed engine (world size 1) over a freshly initialised model built on ``device``; with
-    ``lora_rank`` the model is frozen and only peft LoRA adapters on its attention projections train."""
+    ``lora_settings`` the model is frozen and only its peft LoRA adapters train."""
     import torch
 
     from pipeline import lora
@@ -217,8 +224,8 @@ def new_engine(
     torch.manual_seed(0)
     with torch.device(device):
         model = build_diffusion_model(diffusion_preset, activation_checkpointing=checkpointing)
-        if lora_rank:
-            lora.add_adapters(model, lora.settings(lora_rank, None, 0.0, LORA_TARGETS))
+        if lora_settings:
+            lora.add_adapters(model, lora_settings)
     return Engine(model, train_config(preset, micro_batch, checkpointing), 0, 1)
 
 
@@ -243,11 +250,11 @@ def train_step(engine, micro_batch: int, frames: int, seconds: float) -> None:
 
 
 def largest_fitting(
-    preset: Preset, diffusion_preset: str, frames: int, checkpointing: bool, device, seconds: float, lora_rank: int = 0
+    preset: Preset, diffusion_preset: str, frames: int, checkpointing: bool, device, seconds: float, lora_settings=None
 ):
     """(engine, micro-batch): double the micro-batch until a step runs out of memory; the engine returned is fresh
     when one did (a failed step leaves partial state behind), and None if not even the first fits."""
-    engine = new_engine(preset, diffusion_preset, preset.micro_batches[-1], checkpointing, device, lora_rank)
+    engine = new_engine(preset, diffusion_preset, preset.micro_batches[-1], checkpointing, device, lora_settings)
     fits, out_of_memory = None, False
     for micro_batch in preset.micro_batches:
         try:
@@ -264,7 +271,7 @@ def largest_fitting(
     free(device)
     if not fits:
         return None, None
-    return new_engine(preset, diffusion_preset, fits, checkpointing, device, lora_rank), fits
+    return new_engine(preset, diffusion_preset, fits, checkpointing, device, lora_settings), fits
 
 
 def bench_training(preset: Preset, device) -> list[dict]:
@@ -275,9 +282,9 @@ def bench_training(preset: Preset, device) -> list[dict]:
                 training_row(preset, label, diffusion_preset, vae_preset, checkpointing, preset.seconds, device)
             )
     diffusion_preset, vae_preset = preset.models["sa-open"]
-    rows.append(
-        training_row(preset, "sa-open", diffusion_preset, vae_preset, False, preset.lora_seconds, device, LORA_RANK)
-    )
+    settings, window = lora_recipe()
+    seconds = preset.lora_seconds or window
+    rows.append(training_row(preset, "sa-open", diffusion_preset, vae_preset, False, seconds, device, settings))
     return rows
 
 
@@ -289,21 +296,25 @@ def training_row(
     checkpointing: bool,
     seconds: float,
     device,
-    lora_rank: int = 0,
+    lora_settings: dict | None = None,
 ) -> dict:
     """Samples/s and peak memory of a training step at the largest micro-batch that fits on ``seconds`` windows."""
     from pipeline.models.autoencoder import AUTOENCODER_PRESETS
 
     frames = math.ceil(seconds * SAMPLE_RATE / AUTOENCODER_PRESETS[vae_preset].downsampling)
     row = {"model": label, "diffusion_preset": diffusion_preset, "activation_checkpointing": checkpointing}
-    row |= {"lora_rank": lora_rank, "zero_stage": 2, "precision": preset.precision, "window_seconds": seconds}
+    row |= {
+        "lora_rank": lora_settings["rank"] if lora_settings else 0,
+        "zero_stage": 2,
+        "precision": preset.precision,
+        "window_seconds": seconds,
+    }
     row |= {"window_frames": frames, "largest_tried": preset.micro_batches[-1]}
-    engine, fits = largest_fitting(preset, diffusion_preset, frames, checkpointing, device, seconds, lora_rank)
+    engine, fits = largest_fitting(preset, diffusion_preset, frames, checkpointing, device, seconds, lora_settings)
     if engine is None:
         return row | {"micro_batch": 0}
-    if lora_rank:
-        module = engine.module
-        row["trainable_parameters"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if lora_settings:
+        row["trainable_parameters"] = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     train_step(engine, fits, frames, seconds)  # warm-up at that size
     reset_peak(device)
     synchronize(device)

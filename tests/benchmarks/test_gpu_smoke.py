@@ -100,7 +100,7 @@ def test_the_largest_micro_batch_is_found_by_doubling_until_out_of_memory(memory
     spec.loader.exec_module(gpu)
     engines, steps = [], []
 
-    def new_engine(preset, name, micro_batch, checkpointing, device, lora_rank):
+    def new_engine(preset, name, micro_batch, checkpointing, device, lora_settings):
         engines.append(micro_batch)
         return f"engine{len(engines)}"
 
