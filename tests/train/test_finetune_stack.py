@@ -16,10 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundles import (
-    CLASSES,
-    write_base_bundle,
-)  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
+from bundles import CLASSES, write_base_bundle  # tests/ is on sys.path (the rootless conftest's folder)
 from safetensors.torch import save_file
 from tiny_t5 import write_tiny_t5  # tests/ is on sys.path (pytest puts the rootless conftest's folder there)
 
@@ -142,21 +139,7 @@ def _generate(model: str, wav: Path) -> np.ndarray:
     """``longplay generate`` in its own process (the stack's S3 and MLflow variables are in this one's environment)."""
     import soundfile as sf
 
-    args = [
-        "generate",
-        model,
-        CLASSES[0],
-        "--seconds",
-        "1",
-        "--steps",
-        "4",
-        "--cfg",
-        "1",
-        "--seed",
-        "3",
-        "-o",
-        str(wav),
-    ]
+    args = ["generate", model, CLASSES[0], *"--seconds 1 --steps 4 --cfg 1 --seed 3 -o".split(), str(wav)]
     out = subprocess.run(
         [sys.executable, "-m", "infra.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO
     )
