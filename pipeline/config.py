@@ -152,6 +152,12 @@ class VaeLossSection(Section):
     magnitude_floor: float = Field(
         1e-4, gt=0, description="STFT magnitudes are floored here before the log (auraloss/stable-audio-tools: 1e-4)"
     )
+    waveform_weight: float = Field(
+        0.0, ge=0, description="weight of the waveform term ||x̂ - x||² / ||x||² (0: the paper's recipe)"
+    )
+    sample_posterior: bool = Field(
+        True, description="decode a draw from the posterior while training (the paper); false decodes its mean"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- stage configs

@@ -4,11 +4,14 @@ Each micro-step::
 
     audio (B, 2, N) ─VAE→ recon, kl
     discriminator:  hinge(D(audio), D(recon.detach()))                      → its own engine steps
-    generator:      stereo STFT(recon, audio) + kl_weight · kl + 0.1 hinge_G(D(recon)) + 5 feature matching
-                    (D frozen for this pass)                                  → the VAE's engine steps
+    generator:      stereo STFT(recon, audio) [+ waveform_weight · waveform(recon, audio)] + kl_weight · kl
+                    + 0.1 hinge_G(D(recon)) + 5 feature matching (D frozen for this pass) → the VAE's engine steps
 
 With ``vae.adversarial=false`` there is no discriminator: the generator loss is STFT + KL alone (the demo's CPU
 recipe: the discriminator triples the step cost, and the feature-matching term swamps reconstruction early on).
+``vae.waveform_weight`` adds a waveform term and ``vae.sample_posterior=false`` decodes the posterior mean instead of
+a draw; both off in every shipped config (docs/architecture.md, "Models that learn": what they do for a tiny VAE at
+64 latent channels, and what they still break downstream).
 
 The discriminator is a second DeepSpeed engine, checkpointed beside the VAE under ``discriminator/``. The export is
 the VAE's EMA weights in the format ``pipeline.components.load_vae`` reads (model.safetensors + config.json). With
@@ -41,7 +44,7 @@ from train.vae_losses import (
     discriminator_hinge,
     feature_matching,
     generator_hinge,
-    stereo_stft_loss,
+    reconstruction_loss,
 )
 
 HOLDOUT_SECONDS = 4.0  # length of each held-out excerpt scored at checkpoints
@@ -77,9 +80,9 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             if progress.skip_nonfinite(batch["x"]):  # before any forward: the discriminator steps inside this one
                 continue
             audio = batch["x"].to(engine.dtype)  # (B, 2, N)
-            recon, kl = engine(audio)  # (B, 2, N), ()
-            reconstruction = stereo_stft_loss(recon.float(), audio.float(), floor=cfg.vae.magnitude_floor)
-            metrics = {"stft": float(reconstruction.detach()), "kl": float(kl.detach())}
+            recon, kl = engine(audio, sample=cfg.vae.sample_posterior)  # (B, 2, N), ()
+            reconstruction, metrics = reconstruction_loss(recon.float(), audio.float(), cfg.vae)
+            metrics["kl"] = float(kl.detach())
             if not adversarial:
                 loss = reconstruction + kl_weight * kl
             else:

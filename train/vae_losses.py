@@ -1,6 +1,7 @@
 """Losses of the autoencoder's adversarial training (Stable Audio §3.1, after DAC / EnCodec / stable-audio-tools).
 
-reconstruction  multi-resolution STFT on mid = L + R and side = L − R, plus (half weight) on L and R
+reconstruction  multi-resolution STFT on mid = L + R and side = L − R, plus (half weight) on L and R; optionally
+                a relative waveform error (vae.waveform_weight; 0 in the paper's recipe)
 regulariser     KL of the VAE posterior (pipeline.models.autoencoder.vae_bottleneck), weight 1e-4
 adversarial     multi-scale complex-STFT discriminator, hinge loss; feature matching on its activations
 """
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import VaeLossSection
 from pipeline.models.presets import PRESETS
 
 STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)  # reconstruction resolutions (hop = n_fft / 4)
@@ -51,6 +53,26 @@ def stereo_stft_loss(pred: torch.Tensor, target: torch.Tensor, floor: float = MA
     side = stft_loss(pred[:, 0] - pred[:, 1], target[:, 0] - target[:, 1], floor=floor)
     left_right = stft_loss(pred.flatten(0, 1), target.flatten(0, 1), floor=floor)
     return mid + side + 0.5 * left_right
+
+
+def waveform_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred − target||² / ||target||² over the whole batch (B, 2, N): the phase-aware term of the tiny recipe.
+
+    The STFT terms are blind to phase, and a small decoder trained on them alone learns the spectral envelope but
+    not the partials; this term gives it the waveform to match (docs/architecture.md, "Models that learn")."""
+    return (pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-8)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, recipe: VaeLossSection) -> tuple[torch.Tensor, dict]:
+    """The recipe's reconstruction terms on (B, 2, N): stereo STFT at ``recipe.magnitude_floor``, plus
+    ``recipe.waveform_weight`` · waveform when that is > 0. Returns (loss, {"stft": ..., ["waveform": ...]})."""
+    stft = stereo_stft_loss(pred, target, floor=recipe.magnitude_floor)
+    metrics = {"stft": float(stft.detach())}
+    if not recipe.waveform_weight:
+        return stft, metrics
+    waveform = waveform_loss(pred, target)
+    metrics["waveform"] = float(waveform.detach())
+    return stft + recipe.waveform_weight * waveform, metrics
 
 
 class STFTDiscriminatorScale(nn.Module):

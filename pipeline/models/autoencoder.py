@@ -287,10 +287,11 @@ class Autoencoder(nn.Module):
         return self.decoder(latents)
 
     def forward(
-        self, audio: torch.Tensor, generator: torch.Generator | None = None
+        self, audio: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: sampled latents → reconstruction trimmed to N, (B, audio_channels, N), and kl ()."""
-        latents, kl = self.encode_with_kl(audio, sample=True, generator=generator)
+        """Training pass: latents (a posterior draw, or its mean if not ``sample``) → reconstruction trimmed to N,
+        (B, audio_channels, N), and kl ()."""
+        latents, kl = self.encode_with_kl(audio, sample=sample, generator=generator)
         return self.decode(latents)[..., : audio.shape[-1]], kl
 
     # ------------------------------------------------------------------ long audio

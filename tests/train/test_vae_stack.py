@@ -30,13 +30,15 @@ def test_vae_trains_and_exports_a_loadable_autoencoder(
         data__holdout_split=None,
         deepspeed__micro_batch=2,
         deepspeed__lr=3e-4,
+        vae__waveform_weight=1.0,  # the optional terms reach the engine too: a waveform term, the posterior mean
+        vae__sample_posterior=False,
     )
     result = launch(cfg)
     assert result.error is None, result.error
     (run,) = mlflow.search_runs(
         experiment_names=["longplay-tests"], filter_string="tags.`mlflow.runName` = 't-vae'", output_format="list"
     )
-    for key in ("loss", "stft", "kl", "adversarial", "feature_matching", "discriminator"):
+    for key in ("loss", "stft", "waveform", "kl", "adversarial", "feature_matching", "discriminator"):
         assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)] == [3, 6], key
     ckpt_files = list(storage.list_uris(storage.join(checkpoints, "t-vae")))
     assert any("/discriminator/" in u for u in ckpt_files)
