@@ -158,6 +158,11 @@ class VaeLossSection(Section):
     sample_posterior: bool = Field(
         True, description="decode a draw from the posterior while training (the paper); false decodes its mean"
     )
+    unit_latents: bool = Field(
+        False,
+        description="fold a scale into the exported VAE so its latents have unit RMS on the held-out audio "
+        "(else on training crops)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------- stage configs

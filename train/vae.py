@@ -30,7 +30,7 @@ import torch
 from pipeline import shards as shard_format
 from pipeline.components import save_vae
 from pipeline.config import TrainConfig
-from pipeline.models.autoencoder import Autoencoder, build_autoencoder
+from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
 from pipeline.reconstruction import reconstruction_metrics
 from train import data, loop
 from train.components import CONFIG_FILE
@@ -115,8 +115,25 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             progress.checkpoint(engines, evaluation)
 
     weights = engine.export_state_dict()  # the EMA weights; collective: every rank
-    progress.export(weights, lambda directory: write_export(Autoencoder(vae.cfg), weights, cfg.model.preset, directory))
+    scale = None
+    if cfg.vae.unit_latents and ctx.is_main:  # calibrate on the held-out audio, else on a few training crops
+        if holdout is not None:
+            audio = holdout["x"]
+        else:
+            audio = torch.cat([progress.next_batch(batches)["x"] for _ in range(4)])
+        scale = latent_rms(vae.cfg, weights, audio)
+    preset = cfg.model.preset
+    progress.export(weights, lambda directory: write_export(Autoencoder(vae.cfg), weights, preset, directory, scale))
     return progress.finish(*reversed(engines.values()))
+
+
+def latent_rms(config: AutoencoderConfig, weights: dict[str, torch.Tensor], audio: torch.Tensor) -> float:
+    """RMS of the posterior means ``weights`` give ``audio`` (B, 2, N): the scale ``vae.unit_latents`` folds."""
+    model = Autoencoder(config).eval()
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        latents = torch.cat([model.encode(part.float()) for part in audio.split(4)])  # bounded activations
+    return float(latents.square().mean().sqrt())
 
 
 def score(vae: Autoencoder, weights: dict[str, torch.Tensor], holdout: dict[str, Any]) -> dict[str, float]:
@@ -126,9 +143,17 @@ def score(vae: Autoencoder, weights: dict[str, torch.Tensor], holdout: dict[str,
     return reconstruction_metrics(model, holdout["x"])
 
 
-def write_export(model: Autoencoder, weights: dict[str, torch.Tensor], preset: str, directory: Path) -> None:
-    """The format ``pipeline.components.load_vae`` reads (model.safetensors + config.json), the preset named."""
+def write_export(
+    model: Autoencoder, weights: dict[str, torch.Tensor], preset: str, directory: Path, scale: float | None = None
+) -> None:
+    """The format ``pipeline.components.load_vae`` reads (model.safetensors + config.json), the preset named; with
+    ``scale``, the latent is divided by it in the weights (:meth:`Autoencoder.fold_latent_scale`) and the config
+    says so (``_latent_scale_folded``)."""
     model.load_state_dict(weights)
+    markers: dict[str, object] = {"_preset": preset}
+    if scale is not None:
+        model.fold_latent_scale(scale)
+        markers["_latent_scale_folded"] = scale
     save_vae(model, directory)
     config = json.loads((directory / CONFIG_FILE).read_text())
-    (directory / CONFIG_FILE).write_text(json.dumps({**config, "_preset": preset}, indent=2))
+    (directory / CONFIG_FILE).write_text(json.dumps({**config, **markers}, indent=2))

@@ -191,6 +191,15 @@ class Decoder(nn.Module):
         return torch.tanh(x) if self.final_tanh else x
 
 
+def _scale_weight(conv: nn.Module, factor: float, out_channels: slice) -> None:
+    """Multiply a conv's effective weight for ``out_channels`` by ``factor``: its weight-norm gain g if it is
+    weight-normalised (w = g · v / ||v||), else the weight itself."""
+    if parametrize.is_parametrized(conv, "weight"):
+        conv.parametrizations.weight.original0[out_channels] *= factor
+    else:
+        conv.weight[out_channels] *= factor
+
+
 # ------------------------------------------------------------------------------------------------- bottleneck
 def vae_bottleneck(
     moments: torch.Tensor, *, sample: bool, generator: torch.Generator | None = None
@@ -293,6 +302,26 @@ class Autoencoder(nn.Module):
         (B, audio_channels, N), and kl ()."""
         latents, kl = self.encode_with_kl(audio, sample=sample, generator=generator)
         return self.decode(latents)[..., : audio.shape[-1]], kl
+
+    @torch.no_grad()
+    def fold_latent_scale(self, scale: float) -> None:
+        """Rescale the latent space by 1 / ``scale`` in the weights: the posterior mean becomes mean / scale and the
+        decoder reads latents · scale, so ``decode(encode(x))`` is unchanged (up to float rounding) while every
+        latent is ``scale`` times smaller. Stable Diffusion's scale factor and stable-audio-tools' pretransform
+        ``scale`` do this at every call; folded, the export needs no extra field.
+
+        The mean half of the layer that emits the moments (weights and bias; its weight-norm gain where it has one)
+        is divided by ``scale``, the decoder's first conv multiplied (it is linear in its input; a bias there is
+        kept). The scale half is left alone: a draw (``encode(sample=True)``) keeps its old noise level, now
+        relatively smaller by ``scale``; every longplay stage downstream of training uses the mean."""
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"latent scale must be a positive finite number, got {scale}")
+        last = self.encoder.proj_out if self.cfg.encoder_projection else self.encoder.conv_out
+        c = self.latent_channels
+        _scale_weight(last, 1.0 / scale, out_channels=slice(0, c))
+        if last.bias is not None:
+            last.bias[:c] /= scale
+        _scale_weight(self.decoder.conv_in, scale, out_channels=slice(None))
 
     # ------------------------------------------------------------------ long audio
     @torch.no_grad()

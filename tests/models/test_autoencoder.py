@@ -3,6 +3,7 @@ encode/decode against a full pass, and our save/load round trip."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -161,3 +162,25 @@ def test_weight_norm_off_builds_plain_convs() -> None:
     model = Autoencoder(cfg)
     assert not any("parametrizations" in k for k in model.state_dict())
     assert model.encode(torch.zeros(1, 2, 2048)).shape == (1, 16, 2)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"weight_norm": False}, {"conv_bias": True, "encoder_projection": True, "decoder_out_bias": True}],
+    ids=["tiny", "plain-convs", "sa1-layout"],
+)
+def test_folding_a_latent_scale_keeps_the_reconstruction(changes: dict) -> None:
+    """fold_latent_scale(s): latents s times smaller, the same audio out; the scale half of the moments untouched."""
+    torch.manual_seed(0)
+    model = Autoencoder(dataclasses.replace(AUTOENCODER_PRESETS["tiny"], **changes)).eval()
+    audio = _music(1.0)
+    with torch.no_grad():
+        latents, moments, decoded = model.encode(audio), model.moments(audio), model.decode(model.encode(audio))
+        model.fold_latent_scale(0.05)
+        folded_latents, folded_moments = model.encode(audio), model.moments(audio)
+        folded_decoded = model.decode(folded_latents)
+    torch.testing.assert_close(folded_latents, latents / 0.05, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded_moments[:, 16:], moments[:, 16:], rtol=0, atol=0)
+    torch.testing.assert_close(folded_decoded, decoded, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positive finite"):
+        model.fold_latent_scale(0.0)

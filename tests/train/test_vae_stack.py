@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from pipeline import storage
 
@@ -32,6 +35,7 @@ def test_vae_trains_and_exports_a_loadable_autoencoder(
         deepspeed__lr=3e-4,
         vae__waveform_weight=1.0,  # the optional terms reach the engine too: a waveform term, the posterior mean
         vae__sample_posterior=False,
+        vae__unit_latents=True,  # no held-out split here: calibrated on training crops
     )
     result = launch(cfg)
     assert result.error is None, result.error
@@ -42,5 +46,14 @@ def test_vae_trains_and_exports_a_loadable_autoencoder(
         assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)] == [3, 6], key
     ckpt_files = list(storage.list_uris(storage.join(checkpoints, "t-vae")))
     assert any("/discriminator/" in u for u in ckpt_files)
-    vae = load_vae(storage.join(checkpoints, "t-vae", "export"))
+    export = storage.join(checkpoints, "t-vae", "export")
+    vae = load_vae(export)
     assert vae.latent_channels == 16
+    # the folded scale: unit RMS on the training crops it was calibrated on, so about 1 on another such tone
+    scale = json.loads(storage.read_text(storage.join(export, "config.json")))["_latent_scale_folded"]
+    assert 0 < scale < 10
+    t = torch.arange(44100) / 44100
+    tone = 0.3 * torch.stack([torch.sin(2 * torch.pi * 440 * t), torch.sin(2 * torch.pi * 660 * t)])[None]
+    with torch.no_grad():
+        rms = float(vae.encode(tone).square().mean().sqrt())
+    assert 0.3 < rms < 3, (rms, scale)
