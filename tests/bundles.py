@@ -51,7 +51,7 @@ def write_base_bundle(root: Path, text_encoder: str, t5_uri: str | None = None) 
     return root
 
 
-def fixed_batch_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, channels: int = 16) -> float:
+def fixed_batch_loss(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, channels: int = 64) -> float:
     """The training objective on one fixed batch of 3 latent crops, with the same draws of t, noise and CFG dropout
     every call: two models with the same weights give the same number, bit for bit."""
     gen = torch.Generator().manual_seed(0)

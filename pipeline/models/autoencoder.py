@@ -105,10 +105,12 @@ class AutoencoderConfig:
 
 
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
-    # CPU tests and the demo: same framing as sa1 (D = 1024) at toy widths (4 doubling to 64; ~167k parameters),
-    # without conv biases (see AutoencoderConfig.conv_bias: with them, it collapses to an input-independent output).
+    # CPU tests and the demo: sa1's framing and latent (D = 1024, 64 channels) at toy widths (4 doubling to 64;
+    # ~206k parameters), without conv biases (see AutoencoderConfig.conv_bias: with them, it collapses to an
+    # input-independent output). 64 channels, not fewer: the best linear code of 16 numbers per 1024-sample stereo
+    # frame scores a spectral convergence of 0.73 on the demo's held-out music, of 64 numbers 0.48.
     "tiny": AutoencoderConfig(
-        latent_channels=16,
+        latent_channels=64,
         strides=(4, 4, 8, 8),
         encoder_channels=4,
         encoder_multipliers=(2, 4, 8, 16),

@@ -92,7 +92,7 @@ CLAP_PRESETS: dict[str, ClapConfig] = {
     # at every checkpoint to 1000 steps with it, 0.1-0.3 without (single-process replays, docs/architecture.md).
     "tiny": ClapConfig(
         text=TextEncoderConfig(width=64, layers=2, heads=2, max_tokens=32, dropout=0.1),
-        audio=AudioEncoderConfig(latent_channels=16, width=64, layers=2, heads=2, downsample=1, dropout=0.1),
+        audio=AudioEncoderConfig(latent_channels=64, width=64, layers=2, heads=2, downsample=1, dropout=0.1),
         projection_dim=64,
     ),
     # The paper's VAE: 64 channels at 44100 / 1024 ≈ 43 latent frames/s; stride 4 gives ≈ 11 tokens/s.

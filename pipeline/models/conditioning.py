@@ -117,11 +117,11 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
     "sa-open": DiffusionModelConfig(
         backbone="dit", dit=DIT_PRESETS["sa-open"], timing="fourier", timing_global=True, max_text_tokens=128
     ),  # T5-base tokens, padded to 128 (model.text_encoder: t5)
-    # CPU tests and the demo: a 2-block DiT over 16-ch latents, 64-d tiny-CLAP text tokens
+    # CPU tests and the demo: a 2-block DiT over 64-ch latents, 64-d tiny-CLAP text tokens
     "tiny": DiffusionModelConfig(
         backbone="dit",
         dit=dataclasses.replace(DIT_PRESETS["tiny"], input_concat_dim=1),
-        io_channels=16,
+        io_channels=64,
         cond_token_dim=64,
         timing="fourier",
         timing_global=True,
@@ -130,11 +130,12 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
     ),
     # Stable Audio Open's conditioning at the tiny size (CPU tests of T5 conditioning, checkpoint import and
     # fine-tuning): the tiny DiT without the timing-frame channel, 64-d T5 tokens padded to 128 and not masked in
-    # cross-attention, like sa-open
+    # cross-attention, like sa-open; 64 wide (4 heads of 16), as the small diffusers / stable-audio-tools models
+    # its import tests build (tiny's 128 is for learning timing on the demo; it never learns here)
     "tiny-open": DiffusionModelConfig(
         backbone="dit",
-        dit=dataclasses.replace(DIT_PRESETS["tiny"], use_cross_attn_mask=False),
-        io_channels=16,
+        dit=dataclasses.replace(DIT_PRESETS["tiny"], embed_dim=64, use_cross_attn_mask=False),
+        io_channels=64,
         cond_token_dim=64,
         max_text_tokens=128,
     ),
@@ -143,7 +144,7 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
     "tiny-unet": DiffusionModelConfig(
         backbone="unet",
         unet=UNET_PRESETS["tiny"],
-        io_channels=16,
+        io_channels=64,
         cond_token_dim=64,
         timing="embedding",
         timing_global=False,

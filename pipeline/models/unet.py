@@ -65,9 +65,9 @@ class UNetConfig:
 UNET_PRESETS: dict[str, UNetConfig] = {
     # Stable Audio 1.0 (stable-audio-tools stable_audio_1_0.json, adp_cfg_1d)
     "sa1": UNetConfig(),
-    # CPU tests: 16-ch latents, 64-d CLAP text tokens
+    # CPU tests: 64-ch latents (the tiny VAE's), 64-d CLAP text tokens
     "tiny": UNetConfig(
-        in_channels=16,
+        in_channels=64,
         channels=32,
         multipliers=(1, 2, 2),
         factors=(2, 2),

@@ -127,7 +127,7 @@ def _clap_export(uri: str) -> None:
     tokenizer = train_tokenizer(list(CAPTIONS) * 4)
     clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
     config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
-    config |= {"latent_channels": 16, "latent_rate": SR / 1024}
+    config |= {"latent_channels": 64, "latent_rate": SR / 1024}
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(clap.state_dict(), Path(tmp) / WEIGHTS_FILE)
         tokenizer.save(Path(tmp) / TOKENIZER_FILE)

@@ -65,7 +65,7 @@ def test_preset_framing() -> None:
     sa_open = build_autoencoder("sa-open", device="meta")
     assert (sa_open.downsampling, sa_open.latent_channels, sa_open.latent_rate) == (2048, 64, SR / 2048)
     tiny = build_autoencoder("tiny", device="meta")
-    assert (tiny.downsampling, tiny.latent_channels, tiny.sample_rate) == (1024, 16, SR)
+    assert (tiny.downsampling, tiny.latent_channels, tiny.sample_rate) == (1024, 64, SR)
 
 
 def test_tiny_encode_decode_shapes_and_kl(tiny: Autoencoder) -> None:
@@ -76,7 +76,7 @@ def test_tiny_encode_decode_shapes_and_kl(tiny: Autoencoder) -> None:
         sampled, kl = tiny.encode_with_kl(audio, generator=torch.Generator().manual_seed(1))
         decoded = tiny.decode(latents)
         reconstruction, kl_fwd = tiny(audio)
-    assert latents.shape == (1, 16, math.ceil(n / 1024))
+    assert latents.shape == (1, 64, math.ceil(n / 1024))
     assert sampled.shape == latents.shape and not torch.equal(sampled, latents)
     assert decoded.shape == (1, 2, latents.shape[-1] * 1024)
     assert reconstruction.shape == audio.shape
@@ -107,7 +107,7 @@ def test_chunked_encode_of_three_minutes_matches_full_pass(tiny: Autoencoder) ->
     with torch.no_grad():
         full = tiny.encode(audio)
     chunked = tiny.encode_chunked(audio, chunk_seconds=10.0)  # 20 windows, default context (16 frames a side)
-    assert chunked.shape == full.shape == (1, 16, math.ceil(audio.shape[-1] / 1024))
+    assert chunked.shape == full.shape == (1, 64, math.ceil(audio.shape[-1] / 1024))
     # Windows with a full receptive field of context differ from the full pass only by float rounding
     # (convolutions of different lengths sum in different orders): tolerance 1e-5 of the latents' range.
     error = (chunked - full).abs().max() / full.abs().max()
@@ -115,7 +115,7 @@ def test_chunked_encode_of_three_minutes_matches_full_pass(tiny: Autoencoder) ->
 
 
 def test_chunked_decode_matches_full_pass(tiny: Autoencoder) -> None:
-    latents = torch.randn(1, 16, 500, generator=torch.Generator().manual_seed(3))  # ~11.6 s
+    latents = torch.randn(1, 64, 500, generator=torch.Generator().manual_seed(3))  # ~11.6 s
     with torch.no_grad():
         full = tiny.decode(latents)
     chunked = tiny.decode_chunked(latents, chunk_seconds=3.0)  # 6 windows of <= 129 frames, 20 of context a side
@@ -161,7 +161,7 @@ def test_weight_norm_off_builds_plain_convs() -> None:
     cfg = AutoencoderConfig(**{**AUTOENCODER_PRESETS["tiny"].to_dict(), "weight_norm": False})
     model = Autoencoder(cfg)
     assert not any("parametrizations" in k for k in model.state_dict())
-    assert model.encode(torch.zeros(1, 2, 2048)).shape == (1, 16, 2)
+    assert model.encode(torch.zeros(1, 2, 2048)).shape == (1, 64, 2)
 
 
 @pytest.mark.parametrize(
@@ -180,7 +180,8 @@ def test_folding_a_latent_scale_keeps_the_reconstruction(changes: dict) -> None:
         folded_latents, folded_moments = model.encode(audio), model.moments(audio)
         folded_decoded = model.decode(folded_latents)
     torch.testing.assert_close(folded_latents, latents / 0.05, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(folded_moments[:, 16:], moments[:, 16:], rtol=0, atol=0)
+    c = model.latent_channels
+    torch.testing.assert_close(folded_moments[:, c:], moments[:, c:], rtol=0, atol=0)
     torch.testing.assert_close(folded_decoded, decoded, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="positive finite"):
         model.fold_latent_scale(0.0)

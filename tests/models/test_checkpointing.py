@@ -25,12 +25,12 @@ def preset(request):
 
 def _inputs(B: int = 3, T: int = 37, L: int = 5):
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(B, 16, T, generator=g)
+    x0 = torch.randn(B, 64, T, generator=g)
     tokens = torch.randn(B, L, 64, generator=g)
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, 3:] = False  # a padded prompt
     start, total = torch.tensor([0.0, 2.0, 5.0])[:B], torch.tensor([4.0, 9.0, 30.0])[:B]
-    return x0, tokens, mask, start, total, torch.rand(B, generator=g), torch.randn(B, 16, T, generator=g)
+    return x0, tokens, mask, start, total, torch.rand(B, generator=g), torch.randn(B, 64, T, generator=g)
 
 
 def _loss_and_grads(model, checkpointing: bool):
@@ -97,7 +97,7 @@ def test_batched_cfg_samples_what_two_calls_sample():
     out = {}
     for batched in (False, True):
         fn = guided_model_fn(model, tokens, mask, start, total, cfg_scale=6.0, batched=batched)
-        out[batched] = sample(fn, (1, 16, 40), steps=8, seed=5)
+        out[batched] = sample(fn, (1, 64, 40), steps=8, seed=5)
     torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
 
 

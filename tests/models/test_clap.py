@@ -41,8 +41,8 @@ def test_tiny_shapes_and_unit_norm() -> None:
     model = tiny()
     ids, mask = random_text()
     text = model.encode_text(ids, mask)
-    audio = model.encode_audio(torch.randn(3, 16, 20))
-    audio_masked = model.encode_audio(torch.randn(3, 16, 20), torch.arange(20) < torch.tensor([[20], [7], [1]]))
+    audio = model.encode_audio(torch.randn(3, 64, 20))
+    audio_masked = model.encode_audio(torch.randn(3, 64, 20), torch.arange(20) < torch.tensor([[20], [7], [1]]))
     for emb in (text, audio, audio_masked):
         assert emb.shape == (3, 64)
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
@@ -91,7 +91,7 @@ def test_empty_mask_row_does_not_poison_the_batch() -> None:
     model = tiny()
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1] = False
-    out = model(*random_text(B=2), torch.randn(2, 16, 10), mask)
+    out = model(*random_text(B=2), torch.randn(2, 64, 10), mask)
     assert torch.isfinite(out.loss)
 
 
@@ -113,7 +113,7 @@ def test_forward_loss_and_temperature() -> None:
     model = tiny().train()
     assert math.isclose(model.temperature_inverse.item(), 1 / 0.07, rel_tol=1e-5)
     ids, mask = random_text()
-    out = model(ids, mask, torch.randn(3, 16, 12))
+    out = model(ids, mask, torch.randn(3, 64, 12))
     assert out.logits.shape == (3, 3) and out.loss.ndim == 0
     out.loss.backward()
     assert model.logit_scale.grad is not None and model.text.token_embedding.weight.grad is not None
@@ -142,7 +142,7 @@ def test_presets_and_build() -> None:
             model = build_clap(name, vocab_size=8000)
         n_text = sum(p.numel() for p in model.text.parameters())
         assert 80e6 < n_text < 100e6  # RoBERTa-base's encoder with an 8k vocabulary
-    assert CLAP_PRESETS["tiny"].text.width == 64 and CLAP_PRESETS["tiny"].audio.latent_channels == 16
+    assert CLAP_PRESETS["tiny"].text.width == 64 and CLAP_PRESETS["tiny"].audio.latent_channels == 64
     assert build_clap("tiny", vocab_size=123).text.token_embedding.num_embeddings == 123
     with pytest.raises(ValueError, match="preset"):
         build_clap("huge", vocab_size=10)
@@ -157,7 +157,7 @@ INSTRUMENTS = ["piano", "violin", "cello", "flute", "organ", "harp", "guitar", "
 KEYS = ["C major", "A minor", "G major", "E minor", "D major", "F minor"]
 TEMPOS = [60, 80, 100, 120, 140, 160]
 TEMPLATES = ["{i} in {k} at {t} bpm", "a {t} bpm piece for {i} in {k}", "{k} {i}, {t} bpm"]
-C, T = 16, 32
+C, T = 64, 32
 
 
 class SyntheticMusic:

@@ -57,8 +57,8 @@ FRAMES = 64  # the DiT's sample_size: 64 latent frames = 32 s at the VAE's 2 fra
 # diffusers kwargs whose derived config is tiny-open's DiT (DIT_PRESETS["tiny"]; dit_config_from_diffusers)
 TINY_OPEN_DIT = dict(
     sample_size=FRAMES,
-    in_channels=16,
-    out_channels=16,
+    in_channels=64,
+    out_channels=64,
     num_layers=2,
     attention_head_dim=16,
     num_attention_heads=4,
@@ -73,11 +73,11 @@ H64_DIT = {**TINY_OPEN_DIT, "attention_head_dim": 64, "num_attention_heads": 1, 
 H64_DIT["time_proj_dim"] = 256
 # the VAE: 2 stages (hop 8) at 16 Hz, so 2 latent frames/s: Open's 32-s window in 64 frames, and 1 s of audio is cheap
 VAE = dict(
-    encoder_hidden_size=32,  # = 2 x latent channels: the encoder emits mean and scale
+    encoder_hidden_size=128,  # = 2 x latent channels: the encoder emits mean and scale
     downsampling_ratios=[2, 4],
     channel_multiples=[1, 2],
     decoder_channels=4,
-    decoder_input_channels=16,
+    decoder_input_channels=64,
     audio_channels=2,
     sampling_rate=16,
 )
@@ -156,7 +156,7 @@ def imported(reference: tuple, tmp_path_factory: pytest.TempPathFactory) -> tupl
 def _check_against_pipeline(bundle: Bundle, pipe: diffusers.StableAudioPipeline, atol: float = TOL) -> dict:
     """The conditioning and one v-prediction per CFG branch of ``bundle`` against the first transformer call of
     ``pipe(CAPTIONS)`` (scale 7, no negative prompt), x_t and t as the transformer got them; the max abs differences."""
-    latents = torch.randn(2, 16, FRAMES, generator=torch.Generator().manual_seed(5))
+    latents = torch.randn(2, 64, FRAMES, generator=torch.Generator().manual_seed(5))
     model = bundle.diffusion
     with torch.no_grad():
         seen = _pipeline_transformer_call(pipe, CAPTIONS, latents)
@@ -187,7 +187,7 @@ def test_diffusers_folder_imports_as_a_bundle_that_matches_the_pipeline(referenc
         "kind": "diffusion",
         "preset": "tiny-open",
         "latent_rate": 2.0,
-        "latent_channels": 16,
+        "latent_channels": 64,
         "window_seconds": 32.0,
         "text_encoder": "t5",
         "t5": str(folder.resolve()),  # T5Conditioner.load reads the pipeline's text_encoder/ and tokenizer/
@@ -201,7 +201,7 @@ def test_diffusers_folder_imports_as_a_bundle_that_matches_the_pipeline(referenc
     diffs = _check_against_pipeline(bundle, pipe)
     print(f"diffusers import vs StableAudioPipeline, max abs: {diffs}")
 
-    latents = torch.randn(1, 16, 10, generator=torch.Generator().manual_seed(6))
+    latents = torch.randn(1, 64, 10, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         decode = (bundle.autoencoder.decode(latents) - pipe.vae.decode(latents).sample).abs().max().item()
     print(f"VAE decode vs AutoencoderOobleck, max abs: {decode}")
@@ -262,7 +262,7 @@ def _write_stable_audio_tools(pipe: diffusers.StableAudioPipeline, folder: Path,
                 "type": "autoencoder",
                 "config": {
                     "decoder": {"type": "oobleck", "config": {"final_tanh": False}},
-                    "latent_dim": 16,
+                    "latent_dim": 64,
                     "downsampling_ratio": 8,
                     "io_channels": 2,
                 },
@@ -280,7 +280,7 @@ def _write_stable_audio_tools(pipe: diffusers.StableAudioPipeline, folder: Path,
                 "global_cond_ids": ["seconds_start", "seconds_total"],
                 "type": "dit",
                 "config": {
-                    "io_channels": 16,
+                    "io_channels": 64,
                     "embed_dim": 64,
                     "depth": 2,
                     "num_heads": 1,
@@ -291,7 +291,7 @@ def _write_stable_audio_tools(pipe: diffusers.StableAudioPipeline, folder: Path,
                     **(dit or {}),
                 },
             },
-            "io_channels": 16,
+            "io_channels": 64,
         },
     }
     (folder / "model_config.json").write_text(json.dumps(config, indent=2))
@@ -315,7 +315,7 @@ def test_stable_audio_tools_checkpoint_gives_the_same_model(
     sat, dif = load_bundle(str(tmp_path / "sat"), "cpu"), load_bundle(str(tmp_path / "diffusers"), "cpu")
 
     gen = torch.Generator().manual_seed(7)
-    x, t = torch.randn(2, 16, FRAMES, generator=gen), torch.tensor([0.9, 0.4])
+    x, t = torch.randn(2, 64, FRAMES, generator=gen), torch.tensor([0.9, 0.4])
     tokens, mask = sat.text.encode(CAPTIONS)
     start, total = torch.full((2,), SECONDS_START), torch.full((2,), SECONDS_END)
     differences = {}
@@ -329,7 +329,7 @@ def test_stable_audio_tools_checkpoint_gives_the_same_model(
     diffs = _check_against_pipeline(sat, pipe)
     print(f"stable-audio-tools import vs StableAudioPipeline, max abs: {diffs}")
 
-    latents = torch.randn(1, 16, 10, generator=torch.Generator().manual_seed(6))
+    latents = torch.randn(1, 64, 10, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         decode = (sat.autoencoder.decode(latents) - pipe.vae.decode(latents).sample).abs().max().item()
     print(f"stable-audio-tools VAE decode vs AutoencoderOobleck, max abs: {decode}")

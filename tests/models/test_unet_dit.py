@@ -86,9 +86,9 @@ def test_padded_text_tokens_are_masked(backbone: str) -> None:
     """Changing the tokens under a False mask must not change v (and a fully masked row must not give NaNs)."""
     torch.manual_seed(0)
     if backbone == "unet":
-        net, C, Dt = UNet1d(UNET_PRESETS["tiny"]).eval(), 16, 64
+        net, C, Dt = UNet1d(UNET_PRESETS["tiny"]).eval(), 64, 64
     else:
-        net, C, Dt = DiT(DIT_PRESETS["tiny"]).eval(), 16, 64
+        net, C, Dt = DiT(DIT_PRESETS["tiny"]).eval(), 64, 64
         for p in net.parameters():  # leave the zero-initialised state, where cross-attention does nothing
             torch.nn.init.normal_(p, std=0.1)
     x, t, tokens, mask = _inputs(2, C, 16, 6, Dt)
@@ -125,7 +125,7 @@ def test_conditioning_layout_and_cfg_dropout(config: DiffusionModelConfig) -> No
     model = ConditionedDiffusionModel(config).eval()
     for p in model.backbone.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    x, t, text, mask = _inputs(3, 16, 16, 5, 64)
+    x, t, text, mask = _inputs(3, 64, 16, 5, 64)
     start, total = torch.tensor([0.0, 10.0, 30.0]), torch.tensor([30.0, 60.0, 95.0])
     tokens, tmask, global_cond = model.conditioning(text, mask, start, total)
     assert tokens.shape == (3, 7, 64) and tmask.shape == (3, 7) and bool(tmask[:, -2:].all())
@@ -165,7 +165,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unet is required"):
         DiffusionModelConfig(backbone="unet")
     with pytest.raises(ValueError, match="expected"):
-        dataclasses.replace(DIFFUSION_PRESETS["tiny"], io_channels=64)
+        dataclasses.replace(DIFFUSION_PRESETS["tiny"], io_channels=16)
     with pytest.raises(ValueError, match="unknown diffusion preset"):
         build_diffusion_model("sa2")
     model = build_diffusion_model("tiny")
@@ -180,7 +180,7 @@ def test_tiny_model_overfits_one_batch(config: DiffusionModelConfig) -> None:
     model = ConditionedDiffusionModel(config)
     g = torch.Generator().manual_seed(0)
     B, T, L = 4, 32, 8
-    x0, noise = torch.randn(B, 16, T, generator=g), torch.randn(B, 16, T, generator=g)
+    x0, noise = torch.randn(B, 64, T, generator=g), torch.randn(B, 64, T, generator=g)
     t = torch.rand(B, generator=g)
     text, mask = torch.randn(B, L, 64, generator=g), torch.ones(B, L, dtype=torch.bool)
     start, total = torch.tensor([0.0, 3.0, 10.0, 50.0]), torch.tensor([30.0, 40.0, 60.0, 95.0])
@@ -216,7 +216,7 @@ def test_timing_frames_mark_the_requested_length_and_reach_the_dit() -> None:
         torch.nn.init.normal_(p, std=0.1)
     torch.nn.init.zeros_(model.seconds_total.proj.weight)  # the timing token and global vector ignore the total
     torch.nn.init.zeros_(model.seconds_total.proj.bias)
-    x, t, text, mask = _inputs(1, 16, 200, 5, 64)
+    x, t, text, mask = _inputs(1, 64, 200, 5, 64)
     with torch.no_grad():
         three, eight = (model(x, t, text, mask, torch.zeros(1), torch.tensor([s])) for s in (3.0, 8.0))
     assert not torch.allclose(three, eight)

@@ -77,7 +77,7 @@ def test_reference_from_a_folder_and_from_audio_shards(tmp_path):
     assert sr == SR and np.allclose(audio, _tone(1.0, 440), atol=1e-4)
 
     shards.write_index(
-        str(out), vae_id="preset:tiny@seed0", vae_config_hash="-", latent_channels=16, latent_rate=43.07,
+        str(out), vae_id="preset:tiny@seed0", vae_config_hash="-", latent_channels=64, latent_rate=43.07,
         shards=[stats], errors=[],
     )  # fmt: skip
     with pytest.raises(ConfigError, match="holds latents"):

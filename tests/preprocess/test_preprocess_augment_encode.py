@@ -55,7 +55,7 @@ def test_bad_chains_are_config_errors():
 
 def test_preset_vae_is_seeded_and_identified():
     spec = encode.resolve_vae("preset:tiny")
-    assert spec.vae_id == "preset:tiny@seed0" and spec.latent_channels == 16
+    assert spec.vae_id == "preset:tiny@seed0" and spec.latent_channels == 64
     assert spec.latent_rate == pytest.approx(44100 / 1024)
     a, b = components.load_vae("preset:tiny"), components.load_vae("preset:tiny")
     assert weights_hash(a) == weights_hash(b)
@@ -80,7 +80,7 @@ def test_batched_encode_matches_one_by_one():
     pieces = [_audio(0.5, 1), _audio(0.3, 2), _audio(0.5, 3), _audio(0.5, 4), _audio(1.5, 5)]
     batched = encode.encode(model, pieces, batch_size=2, chunk_seconds=1.0)
     for piece, z in zip(pieces, batched, strict=True):
-        assert z.dtype == np.float16 and z.shape == (16, math.ceil(piece.shape[1] / 1024))
+        assert z.dtype == np.float16 and z.shape == (64, math.ceil(piece.shape[1] / 1024))
         with torch.inference_mode():
             alone = model.encode(torch.from_numpy(piece)[None])[0].numpy()
         np.testing.assert_allclose(z.astype(np.float32), alone, atol=2e-3, rtol=2e-3)

@@ -218,7 +218,7 @@ def test_latents_follow_the_source(tmp_path):
     for s in _samples(out):
         exp = expected[s.meta["source_uri"].rsplit("/", 1)[-1]]
         offset, n = exp.segments(1.0)[int(s.key.rsplit("_", 1)[1])]
-        assert s.latents.dtype == np.float16 and s.latents.shape == (16, -(-n // 1024))
+        assert s.latents.dtype == np.float16 and s.latents.shape == (64, -(-n // 1024))
         assert s.meta["offset_seconds"] == pytest.approx(offset) and s.meta["seconds_total"] == exp.seconds_total
         assert s.meta["source_sha256"] == exp.sha256 and s.meta["caption"].startswith("clip number")
 

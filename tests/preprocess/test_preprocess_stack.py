@@ -168,7 +168,7 @@ def test_latents_and_metadata_are_right_for_every_sample(mixed):
             assert s.meta["sample_rate"] == 44100 and s.meta["augmentation"] is None
             assert s.meta["latent_rate"] == pytest.approx(44100 / 1024) and s.meta["vae_id"] == "preset:tiny@seed0"
     for uri, exp in good.items():
-        want = [(pytest.approx(offset), (16, -(-n // 1024))) for offset, n in exp.segments(95.0)]
+        want = [(pytest.approx(offset), (64, -(-n // 1024))) for offset, n in exp.segments(95.0)]
         assert sorted(seen[uri]) == want, uri
     four_minutes = storage.join(src, "sub/h_wav_8k_mono_4min.wav")
     assert [offset for offset, _ in sorted(seen[four_minutes])] == [0.0, 95.0, 190.0]
@@ -194,7 +194,7 @@ def test_shards_read_back_with_plain_webdataset_and_verify(mixed, local_stack):
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"])
         latents = np.load(io.BytesIO(sample["latents.npy"]), allow_pickle=False)
-        assert latents.dtype == np.float16 and latents.shape[0] == 16
+        assert latents.dtype == np.float16 and latents.shape[0] == 64
         assert sample["__key__"] and meta["source_uri"].startswith(mixed["src"])
         count += 1
     assert count == mixed["summary"]["samples"]

@@ -25,7 +25,7 @@ CLASSES = [
     "harpsichord sonata in D major",
 ]
 LATENT_RATE = 44100 / 1024
-CHANNELS = 16
+CHANNELS = 64
 
 
 def make_samples(n: int, seed: int, prefix: str) -> list[shards.Sample]:

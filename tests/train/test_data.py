@@ -46,12 +46,12 @@ def test_short_segment_is_padded_with_the_silence_latent() -> None:
     torch.manual_seed(0)
     biased = Autoencoder(dataclasses.replace(AUTOENCODER_PRESETS["tiny"], conv_bias=True))
     silence = data.silence_latent(biased)
-    assert silence.shape == (16,) and np.abs(silence).sum() > 0  # with conv biases silence has a code of its own
+    assert silence.shape == (64,) and np.abs(silence).sum() > 0  # with conv biases silence has a code of its own
     # the tiny preset has no conv biases: silence encodes to exactly the zero latent
-    np.testing.assert_array_equal(data.silence_latent(build_autoencoder("tiny")), np.zeros(16, np.float32))
-    x = np.ones((16, 7), dtype=np.float16)
+    np.testing.assert_array_equal(data.silence_latent(build_autoencoder("tiny")), np.zeros(64, np.float32))
+    x = np.ones((64, 7), dtype=np.float16)
     c = data.crop(x, meta(offset=3.0, total=4.0), window=12, rate=RATE, pad_value=silence, rng=random.Random(1))
-    assert c.x.shape == (16, 12) and c.x.dtype == np.float32
+    assert c.x.shape == (64, 12) and c.x.dtype == np.float32
     assert c.mask.tolist() == [True] * 7 + [False] * 5
     np.testing.assert_array_equal(c.x[:, :7], 1.0)
     np.testing.assert_allclose(c.x[:, 7:], np.repeat(silence[:, None], 5, axis=1))

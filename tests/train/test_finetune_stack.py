@@ -162,7 +162,7 @@ def test_generation_with_the_adapters_differs_from_the_base(lora_run, local_stac
     np.testing.assert_allclose(with_adapters, np.clip(again, -1, 1 - 2.0**-23), rtol=0, atol=2.0**-22)
 
     # The merged export option: the same model as base + adapters, with the base's parameter names.
-    x, t = torch.randn(2, 16, 43, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7])
+    x, t = torch.randn(2, 64, 43, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7])
     tokens, mask = adapted.text.encode(CLASSES[:2])
     timing = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0])
     with torch.no_grad():

@@ -50,9 +50,11 @@ def _crop(x: np.ndarray, n: int, rng: random.Random | None) -> np.ndarray:
 
 
 def test_tiny_vae_learns_real_music_and_keeps_silence_silent(demo_music) -> None:
-    """The tiny preset with the tiny recipe (configs/tiny/vae.yaml: lr, KL weight, the reconstruction terms the loop
-    uses) on 1/2 s crops of real music: held-out spectral convergence falls well under 1 (a silent decoder scores
-    exactly 1; the preset with conv biases stayed at 1.02-1.03 here) and digital silence decodes far below music."""
+    """The tiny preset with the tiny recipe (configs/tiny/vae.yaml: lr, KL weight, STFT floor, the waveform term,
+    decoding the posterior mean) on 1/2 s crops of real music: held-out spectral convergence falls well under 1 (a
+    silent decoder scores exactly 1; the preset with conv biases stayed at 1.02-1.03 here, the STFT-only recipe with
+    posterior draws at 0.86 with 16 channels), the waveform error under 1 (phase-blind losses never get there: the
+    decoder must follow the waveform, not only its spectrum), and digital silence decodes far below music."""
     cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / "vae.yaml", ["data.shards=unused"])
     pieces = _pieces(demo_music)
     train, held = pieces[:-2], pieces[-2:]
@@ -74,7 +76,8 @@ def test_tiny_vae_learns_real_music_and_keeps_silence_silent(demo_music) -> None
     after = reconstruction_metrics(vae, excerpts)
     print("tiny VAE before", before, "after", after)
     assert before["vae_spectral_convergence"] == pytest.approx(1.0, abs=0.05)  # at init the output is ~silent
-    assert after["vae_spectral_convergence"] < 0.95, after
+    assert after["vae_spectral_convergence"] < 0.85, after
+    assert after["vae_waveform_error"] < 0.95, after
     assert after["vae_log_mel_distance"] < 0.6 * before["vae_log_mel_distance"], after
     assert after["vae_silence_below_music_db"] > 40.0, after
 

@@ -48,7 +48,7 @@ def test_vae_trains_and_exports_a_loadable_autoencoder(
     assert any("/discriminator/" in u for u in ckpt_files)
     export = storage.join(checkpoints, "t-vae", "export")
     vae = load_vae(export)
-    assert vae.latent_channels == 16
+    assert vae.latent_channels == 64
     # the folded scale: unit RMS on the training crops it was calibrated on, so about 1 on another such tone
     scale = json.loads(storage.read_text(storage.join(export, "config.json")))["_latent_scale_folded"]
     assert 0 < scale < 10
