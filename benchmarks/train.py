@@ -4,7 +4,7 @@
 
 One DeepSpeed rank (gloo, world size 1) runs the diffusion objective (v-loss with CFG dropout) through the same
 ``train.data`` stream and ``train.engine.Engine`` the Ray Train workers use, on synthetic latent shards in a temp dir:
-- ``tiny``: the tiny preset (16-ch latents, 2-block DiT), 8 s windows, micro-batch 8;
+- ``tiny``: the tiny preset (64-ch latents, 2-block DiT 128 wide), 8 s windows, micro-batch 8;
 - ``mid``: a mid-size DiT (64-ch latents, width 384, 6 blocks, ~20M parameters: between tiny and sa-open), 8 s
   windows at the sa1 VAE's latent rate, micro-batch 4.
 Text tokens are random (CLAP's cost is not part of the step). Writes ``OUT/train.json``.
