@@ -9,9 +9,9 @@ Each micro-step::
 
 With ``vae.adversarial=false`` there is no discriminator: the generator loss is STFT + KL alone (the demo's CPU
 recipe: the discriminator triples the step cost, and the feature-matching term swamps reconstruction early on).
-``vae.waveform_weight`` adds a waveform term and ``vae.sample_posterior=false`` decodes the posterior mean instead of
-a draw; both off in every shipped config (docs/architecture.md, "Models that learn": what they do for a tiny VAE at
-64 latent channels, and what they still break downstream).
+``vae.waveform_weight`` adds a waveform term, ``vae.sample_posterior=false`` decodes the posterior mean instead of a
+draw, and ``vae.unit_latents`` folds a scale into the export so its latents have unit RMS. The paper's recipe leaves
+all three off; the tiny recipe (configs/tiny/vae.yaml) turns them on (docs/architecture.md, "Models that learn").
 
 The discriminator is a second DeepSpeed engine, checkpointed beside the VAE under ``discriminator/``. The export is
 the VAE's EMA weights in the format ``pipeline.components.load_vae`` reads (model.safetensors + config.json). With
@@ -30,7 +30,7 @@ import torch
 from pipeline import shards as shard_format
 from pipeline.components import save_vae
 from pipeline.config import TrainConfig
-from pipeline.models.autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
+from pipeline.models.autoencoder import Autoencoder, build_autoencoder
 from pipeline.reconstruction import reconstruction_metrics
 from train import data, loop
 from train.components import CONFIG_FILE
@@ -115,22 +115,22 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             progress.checkpoint(engines, evaluation)
 
     weights = engine.export_state_dict()  # the EMA weights; collective: every rank
-    scale = None
-    if cfg.vae.unit_latents and ctx.is_main:  # calibrate on the held-out audio, else on a few training crops
+    calibration = None  # vae.unit_latents: the held-out audio, else a few training crops (only rank 0 exports)
+    if cfg.vae.unit_latents and ctx.is_main:
         if holdout is not None:
-            audio = holdout["x"]
+            calibration = holdout["x"]
         else:
-            audio = torch.cat([progress.next_batch(batches)["x"] for _ in range(4)])
-        scale = latent_rms(vae.cfg, weights, audio)
+            calibration = torch.cat([progress.next_batch(batches)["x"] for _ in range(4)])
     preset = cfg.model.preset
-    progress.export(weights, lambda directory: write_export(Autoencoder(vae.cfg), weights, preset, directory, scale))
+    progress.export(
+        weights, lambda directory: write_export(Autoencoder(vae.cfg), weights, preset, directory, calibration)
+    )
     return progress.finish(*reversed(engines.values()))
 
 
-def latent_rms(config: AutoencoderConfig, weights: dict[str, torch.Tensor], audio: torch.Tensor) -> float:
-    """RMS of the posterior means ``weights`` give ``audio`` (B, 2, N): the scale ``vae.unit_latents`` folds."""
-    model = Autoencoder(config).eval()
-    model.load_state_dict(weights)
+def latent_rms(model: Autoencoder, audio: torch.Tensor) -> float:
+    """RMS of the posterior means ``model`` gives ``audio`` (B, 2, N): the scale ``vae.unit_latents`` folds."""
+    model.eval()
     with torch.no_grad():
         latents = torch.cat([model.encode(part.float()) for part in audio.split(4)])  # bounded activations
     return float(latents.square().mean().sqrt())
@@ -144,14 +144,19 @@ def score(vae: Autoencoder, weights: dict[str, torch.Tensor], holdout: dict[str,
 
 
 def write_export(
-    model: Autoencoder, weights: dict[str, torch.Tensor], preset: str, directory: Path, scale: float | None = None
+    model: Autoencoder,
+    weights: dict[str, torch.Tensor],
+    preset: str,
+    directory: Path,
+    calibration: torch.Tensor | None = None,
 ) -> None:
     """The format ``pipeline.components.load_vae`` reads (model.safetensors + config.json), the preset named; with
-    ``scale``, the latent is divided by it in the weights (:meth:`Autoencoder.fold_latent_scale`) and the config
-    says so (``_latent_scale_folded``)."""
+    ``calibration`` audio (B, 2, N), the latent is divided in the weights by its RMS on that audio
+    (:meth:`Autoencoder.fold_latent_scale`) and the config says by what (``_latent_scale_folded``)."""
     model.load_state_dict(weights)
     markers: dict[str, object] = {"_preset": preset}
-    if scale is not None:
+    if calibration is not None:
+        scale = latent_rms(model, calibration)
         model.fold_latent_scale(scale)
         markers["_latent_scale_folded"] = scale
     save_vae(model, directory)
