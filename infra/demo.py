@@ -56,7 +56,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(20.0, reference_pieces=20, vae_steps=800, clap_steps=600, diffusion_steps=2400, sampler_steps=50,
+    "full": Size(20.0, reference_pieces=20, vae_steps=800, clap_steps=600, diffusion_steps=1600, sampler_steps=50,
                  prefix="demo"),
     "quick": Size(2.0, reference_pieces=2, vae_steps=6, clap_steps=6, diffusion_steps=6, sampler_steps=4,
                   prefix="demo-quick"),
@@ -190,7 +190,7 @@ def run_demo(state_dir: Path, size: Size, minutes: float | None = None) -> dict[
         train,
         "vae",
         {**common, "data.shards": audio, "run.name": f"{p}-vae", "run.max_steps": size.vae_steps,
-         "run.checkpoint_every": max(3, size.vae_steps // 4), "run.demo_every": size.vae_steps,
+         "run.checkpoint_every": max(3, size.vae_steps // 2), "run.demo_every": size.vae_steps,
          **holdout(reference)},
     )  # fmt: skip
     timer.stage("preprocess latents", preprocess, work / "data", latents, vae_uri)

@@ -117,7 +117,7 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
     "sa-open": DiffusionModelConfig(
         backbone="dit", dit=DIT_PRESETS["sa-open"], timing="fourier", timing_global=True, max_text_tokens=128
     ),  # T5-base tokens, padded to 128 (model.text_encoder: t5)
-    # CPU tests and the demo: a 2-block DiT over 64-ch latents, 64-d tiny-CLAP text tokens
+    # CPU tests and the demo: a 2-block DiT over 64-ch latents, 64-d tiny-CLAP text tokens (up to 77)
     "tiny": DiffusionModelConfig(
         backbone="dit",
         dit=dataclasses.replace(DIT_PRESETS["tiny"], input_concat_dim=1),
@@ -125,7 +125,7 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
         cond_token_dim=64,
         timing="fourier",
         timing_global=True,
-        max_text_tokens=32,
+        max_text_tokens=77,  # the tiny CLAP's context, as sa1's
         timing_frame_rate=44100 / 1024,  # the tiny VAE's latent rate; see "Timing frames" above
     ),
     # Stable Audio Open's conditioning at the tiny size (CPU tests of T5 conditioning, checkpoint import and
@@ -149,7 +149,7 @@ DIFFUSION_PRESETS: dict[str, DiffusionModelConfig] = {
         timing="embedding",
         timing_global=False,
         null_cond="learned",
-        max_text_tokens=32,
+        max_text_tokens=77,
     ),
 }
 

@@ -49,7 +49,8 @@ def test_tiny_shapes_and_unit_norm() -> None:
     cond, cond_mask = model.text_conditioning(ids, mask)
     assert cond.shape == (3, 12, 64) and torch.equal(cond_mask, mask)
     with pytest.raises(ValueError, match="max_tokens"):
-        model.encode_text(torch.zeros(1, 33, dtype=torch.long), torch.ones(1, 33, dtype=torch.bool))
+        too_long = model.config.text.max_tokens + 1
+        model.encode_text(torch.zeros(1, too_long, dtype=torch.long), torch.ones(1, too_long, dtype=torch.bool))
     with pytest.raises(ValueError, match="channels"):
         model.encode_audio(torch.randn(1, 8, 20))
 

@@ -169,8 +169,11 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown diffusion preset"):
         build_diffusion_model("sa2")
     model = build_diffusion_model("tiny")
+    too_long = model.cfg.max_text_tokens + 1
     with pytest.raises(ValueError, match="at most"):
-        model.conditioning(torch.zeros(1, 40, 64), torch.ones(1, 40, dtype=torch.bool), torch.zeros(1), torch.zeros(1))
+        model.conditioning(
+            torch.zeros(1, too_long, 64), torch.ones(1, too_long, dtype=torch.bool), torch.zeros(1), torch.zeros(1)
+        )
 
 
 @pytest.mark.parametrize("config", [DIFFUSION_PRESETS["tiny"], TINY_UNET], ids=["tiny-dit", "tiny-unet"])
