@@ -248,7 +248,11 @@ def test_a_killed_ray_worker_costs_only_its_shards(clips, local_stack):
         time.sleep(0.2)
     assert len(workers) == 2, workers
     _wait_for_markers(out, 1, thread)
-    finished_before = {k: v for k, v in _objects(out).items() if k.endswith((".tar", ".stats.json"))}
+    # Finished = the marker (stats.json) is written; a tar without one is the shard in flight, which a retry redoes.
+    objects = {k: v for k, v in _objects(out).items() if k.endswith((".tar", ".stats.json"))}
+    marked = {k.removesuffix(".stats.json") for k in objects if k.endswith(".stats.json")}
+    finished_before = {k: v for k, v in objects.items() if k.removesuffix(".stats.json").removesuffix(".tar") in marked}
+    assert finished_before, objects
     os.kill(workers[0].pid, signal.SIGKILL)
     assert len(_markers(out)) < CLIPS // 2, "the job must still be running when the worker dies"
     thread.join(timeout=300)
