@@ -346,9 +346,10 @@ class Autoencoder(nn.Module):
             window 2                        |ctx|core 2-----|     (the last core may be shorter)
             kept      |core 0------|core 1------|core 2-----|
 
-        Windows start on multiples of D, so frames line up with a full pass. The default context is the
-        encoder's whole receptive field (:func:`encoder_context_latents` in blocks), which makes the result equal to
-        :meth:`encode` up to float rounding. A window is never shorter than 2·context + 1 frames.
+        Windows start on multiples of D, so frames line up with a full pass. The default context is what the
+        encoder's receptive field reaches on each side (:func:`encoder_context_latents` in blocks: 8 frames for
+        every preset), which makes the result equal to :meth:`encode` up to float rounding. A window is never
+        shorter than 2·context + 1 frames.
         Returns (B, C, ceil(N / D)).
         """
         audio = self._pad(audio)

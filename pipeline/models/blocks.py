@@ -118,20 +118,29 @@ class DecoderBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- receptive fields
+def encoder_reach(strides: tuple[int, ...], out_kernel: int) -> tuple[int, int]:
+    """The encoder's receptive field: latent frame j reads audio samples [j·D − left, j·D + right] (D = the product
+    of ``strides``). Returns (left, right), walking back from the output conv (``out_kernel`` taps) through each
+    block's strided conv (k = 2s, padding ceil(s/2): it reads inputs [i·s − pad, i·s − pad + 2s − 1]) and its three
+    residual units (±3·d each), to the 7-tap input conv."""
+    left = right = (out_kernel - 1) // 2  # the output conv, at the latent rate
+    units = sum((RESIDUAL_KERNEL - 1) // 2 * d for d in RESIDUAL_DILATIONS)
+    for s in reversed(strides):
+        pad = math.ceil(s / 2)
+        left = left * s + pad + units
+        right = right * s + (2 * s - 1 - pad) + units
+    return left + 3, right + 3  # input conv: 7 taps at the audio rate
+
+
 def encoder_context_latents(strides: tuple[int, ...], out_kernel: int) -> int:
     """Latent frames of audio context needed on each side so that a chunk's kept frames equal a full pass, for an
-    encoder of these block ``strides`` ending in a conv of ``out_kernel`` taps.
-
-    Sums every conv's span (kernel−1)·dilation·(samples per step at its input): the full receptive field in
-    samples. Using the whole field on *each* side is conservative (it is roughly centred) but always exact.
-    """
-    span, hop = 6, 1  # input conv: 7 taps at the audio rate
-    for s in strides:
-        span += sum((RESIDUAL_KERNEL - 1) * d for d in RESIDUAL_DILATIONS) * hop
-        span += (2 * s - 1) * hop  # strided conv, k = 2s
-        hop *= s
-    span += (out_kernel - 1) * hop
-    return math.ceil(span / math.prod(strides))
+    encoder of these block ``strides`` ending in a conv of ``out_kernel`` taps: the larger of the two sides of
+    :func:`encoder_reach`, in whole frames (the first kept frame j reads back to j·D − left; the last reads up to
+    j·D + right, and the window holds samples to (j + 1 + context)·D − 1). 8 frames for the tiny and sa1 VAEs
+    (until 2026-12 this was the whole field on each side, 16, which doubled the recomputed context)."""
+    left, right = encoder_reach(strides, out_kernel)
+    d = math.prod(strides)
+    return max(math.ceil(left / d), math.ceil((right + 1 - d) / d))
 
 
 def decoder_context_latents(strides: tuple[int, ...], in_kernel: int) -> int:

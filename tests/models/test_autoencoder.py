@@ -17,6 +17,7 @@ from pipeline.models.autoencoder import (
     build_autoencoder,
     vae_bottleneck,
 )
+from pipeline.models.blocks import encoder_context_latents, encoder_reach
 
 SR = 44100
 
@@ -106,12 +107,26 @@ def test_chunked_encode_of_three_minutes_matches_full_pass(tiny: Autoencoder) ->
     audio = _music(180.0)[..., :-777]  # a ragged end exercises the right padding
     with torch.no_grad():
         full = tiny.encode(audio)
-    chunked = tiny.encode_chunked(audio, chunk_seconds=10.0)  # 20 windows, default context (16 frames a side)
+    chunked = tiny.encode_chunked(audio, chunk_seconds=10.0)  # 19 windows, default context (8 frames a side)
     assert chunked.shape == full.shape == (1, 64, math.ceil(audio.shape[-1] / 1024))
     # Windows with a full receptive field of context differ from the full pass only by float rounding
     # (convolutions of different lengths sum in different orders): tolerance 1e-5 of the latents' range.
     error = (chunked - full).abs().max() / full.abs().max()
     assert error < 1e-5, f"relative max abs difference {error:.2e}"
+
+
+def test_encoder_reach_is_the_receptive_field(tiny: Autoencoder) -> None:
+    """The context chunked encoding keeps is computed, not measured: check it against the gradient of one latent
+    frame, whose non-zero span over the audio is the receptive field, sample-exact."""
+    d, j = tiny.downsampling, 32
+    audio = _music(2.0)[..., : 64 * d].clone().requires_grad_(True)
+    tiny.encoder(audio)[0, :, j].sum().backward()
+    touched = audio.grad.abs().sum(dim=(0, 1)).nonzero().flatten()
+    left, right = encoder_reach(tiny.cfg.strides, tiny.cfg.encoder_out_kernel)
+    assert (int(touched.min()), int(touched.max())) == (j * d - left, j * d + right) == (j * d - 7424, j * d + 8447)
+    # 8 frames a side hold the first kept frame's field (left) and the last one's (right + 1 − d); 7 would not.
+    assert encoder_context_latents(tiny.cfg.strides, tiny.cfg.encoder_out_kernel) == 8
+    assert 7 * d < left <= 8 * d and 7 * d < right + 1 - d <= 8 * d
 
 
 def test_chunked_decode_matches_full_pass(tiny: Autoencoder) -> None:
