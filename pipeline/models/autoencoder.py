@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.models.blocks import (
+    AUDIO_KERNEL,
     DecoderBlock,
     EncoderBlock,
     ResidualUnit,
@@ -145,7 +146,7 @@ class Encoder(nn.Module):
         super().__init__()
         wn, bias = cfg.weight_norm, cfg.conv_bias
         widths = [cfg.encoder_channels] + [cfg.encoder_channels * m for m in cfg.encoder_multipliers]
-        self.conv_in = conv1d(cfg.audio_channels, widths[0], 7, bias=bias, weight_norm=wn)
+        self.conv_in = conv1d(cfg.audio_channels, widths[0], AUDIO_KERNEL, bias=bias, weight_norm=wn)
         self.blocks = nn.ModuleList(
             EncoderBlock(widths[i], widths[i + 1], s, bias=bias, weight_norm=wn) for i, s in enumerate(cfg.strides)
         )
@@ -182,7 +183,7 @@ class Decoder(nn.Module):
             DecoderBlock(widths[i + 1], widths[i], s, bias=bias, weight_norm=wn) for i, s in stages
         )
         self.act_out = SnakeBeta(widths[0])
-        self.conv_out = conv1d(widths[0], cfg.audio_channels, 7, bias=cfg.decoder_out_bias, weight_norm=wn)
+        self.conv_out = conv1d(widths[0], cfg.audio_channels, AUDIO_KERNEL, bias=cfg.decoder_out_bias, weight_norm=wn)
         self.final_tanh = cfg.final_tanh
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:

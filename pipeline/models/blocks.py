@@ -25,6 +25,7 @@ from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
 RESIDUAL_DILATIONS = (1, 3, 9)  # the paper's (and DAC's) dilation pattern inside every block
 RESIDUAL_KERNEL = 7  # taps of the dilated conv in a residual unit
+AUDIO_KERNEL = 7  # taps of the encoder's first and the decoder's last conv, at the audio rate
 
 
 class SnakeBeta(nn.Module):
@@ -122,21 +123,22 @@ def encoder_reach(strides: tuple[int, ...], out_kernel: int) -> tuple[int, int]:
     """The encoder's receptive field: latent frame j reads audio samples [j·D − left, j·D + right] (D = the product
     of ``strides``). Returns (left, right), walking back from the output conv (``out_kernel`` taps) through each
     block's strided conv (k = 2s, padding ceil(s/2): it reads inputs [i·s − pad, i·s − pad + 2s − 1]) and its three
-    residual units (±3·d each), to the 7-tap input conv."""
+    residual units (±3·d each), to the input conv."""
     left = right = (out_kernel - 1) // 2  # the output conv, at the latent rate
     units = sum((RESIDUAL_KERNEL - 1) // 2 * d for d in RESIDUAL_DILATIONS)
     for s in reversed(strides):
         pad = math.ceil(s / 2)
         left = left * s + pad + units
         right = right * s + (2 * s - 1 - pad) + units
-    return left + 3, right + 3  # input conv: 7 taps at the audio rate
+    edge = (AUDIO_KERNEL - 1) // 2  # the input conv, at the audio rate
+    return left + edge, right + edge
 
 
 def encoder_context_latents(strides: tuple[int, ...], out_kernel: int) -> int:
     """Latent frames of audio context needed on each side so that a chunk's kept frames equal a full pass, for an
     encoder of these block ``strides`` ending in a conv of ``out_kernel`` taps: the larger of the two sides of
     :func:`encoder_reach`, in whole frames (the first kept frame j reads back to j·D − left; the last reads up to
-    j·D + right, and the window holds samples to (j + 1 + context)·D − 1). 8 frames for the tiny and sa1 VAEs
+    j·D + right, and the window holds samples to (j + 1 + context)·D − 1). 8 frames for every preset
     (until 2026-12 this was the whole field on each side, 16, which doubled the recomputed context)."""
     left, right = encoder_reach(strides, out_kernel)
     d = math.prod(strides)
@@ -151,7 +153,7 @@ def decoder_context_latents(strides: tuple[int, ...], in_kernel: int) -> int:
         span += 2.0 / upsampled  # a k = 2s transposed conv mixes 2 input steps
         upsampled *= s
         span += sum((RESIDUAL_KERNEL - 1) * d for d in RESIDUAL_DILATIONS) / upsampled
-    span += 6 / upsampled  # output conv
+    span += (AUDIO_KERNEL - 1) / upsampled  # output conv
     return math.ceil(span)
 
 
