@@ -129,7 +129,8 @@ def load_clap(uri: str, device: str | torch.device = "cpu") -> tuple[CLAP, Capti
     caption tokenizer and its config."""
     directory = download_model(uri)
     config = _config(directory, "clap", source=uri)
-    clap = build_clap(config["preset"], vocab_size=int(config["vocab_size"]))
+    # Exports written before ``text_pooling`` was recorded pooled the <s> state.
+    clap = build_clap(config["preset"], int(config["vocab_size"]), text_pooling=config.get("text_pooling", "first"))
     clap.load_state_dict(_weights(directory / WEIGHTS_FILE), strict=True)
     tokenizer = CaptionTokenizer.load(directory / TOKENIZER_FILE)
     return clap.to(device).eval().requires_grad_(False), tokenizer, config

@@ -106,6 +106,14 @@ class DataSection(Section):
         description="share of training crops cut to 1..window-1 whole seconds and padded with silence, as a file "
         "of that length (diffusion: teaches where to stop when the data has few short files)",
     )
+    caption_field_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="chance that each comma-separated field of a training caption is left out (the rest shuffled, "
+        "one always kept), as Stable Audio prompts from a random subset of the metadata",
+    )
 
 
 class LoraSection(Section):

@@ -28,7 +28,7 @@ def write_clap_export(folder: Path, captions: list[str]) -> Path:
     tokenizer.save(folder / "tokenizer.json")
     clap = build_clap("tiny", vocab_size=tokenizer.vocab_size)
     save_file({k: v.contiguous() for k, v in clap.state_dict().items()}, str(folder / "model.safetensors"))
-    config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size}
+    config = {"kind": "clap", "preset": "tiny", "vocab_size": tokenizer.vocab_size, "text_pooling": "mean"}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 

@@ -146,6 +146,7 @@ def train(cfg: TrainConfig, ctx: RankContext, restore: Path | None) -> dict[str,
             "kind": "clap",
             "preset": cfg.model.preset,
             "vocab_size": tokenizer.vocab_size,
+            "text_pooling": clap.config.text.pooling,
             "latent_channels": channels,
             "latent_rate": rate,
         }

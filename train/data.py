@@ -109,6 +109,19 @@ def crop(
     )
 
 
+def drop_caption_fields(caption: str, dropout: float, rng: random.Random) -> str:
+    """A random subset of the caption's comma-separated fields in random order, as Stable Audio builds its prompts
+    from a random subset of each file's metadata: each field is left out with chance ``dropout``, at least one is
+    kept. No single field (a title, say) then always comes with a piece, so the text side has to learn what the
+    shared fields (instrument, key, tempo) sound like. A caption of one field comes back as it is."""
+    fields = [field.strip() for field in caption.split(",") if field.strip()]
+    if len(fields) < 2:
+        return caption
+    kept = [field for field in fields if rng.random() >= dropout] or [rng.choice(fields)]
+    rng.shuffle(kept)
+    return ", ".join(kept)
+
+
 def silence_latent(vae: torch.nn.Module, seconds: float = 1.0) -> np.ndarray:
     """The VAE's latent of digital silence, (C,): the middle frame of encoding ``seconds`` of zeros.
 
@@ -153,6 +166,8 @@ class ShardCrops(IterableDataset):
         payload: ``"latents.npy"`` (latent shards) or ``"flac"`` (audio shards, for the VAE).
         timing_crops: share of training crops cut to a random whole number of seconds shorter than the window
             (1 to window - 1) and padded with silence, as a file of that length (see :func:`crop`).
+        caption_field_dropout: chance that each comma-separated field of a training crop's caption is left out
+            (the rest shuffled, at least one kept; see :func:`drop_caption_fields`); 0 keeps captions as they are.
     """
 
     def __init__(
@@ -169,6 +184,7 @@ class ShardCrops(IterableDataset):
         infinite: bool = True,
         payload: str = "latents.npy",
         timing_crops: float = 0.0,
+        caption_field_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if payload not in shard_format.PAYLOADS:
@@ -176,7 +192,7 @@ class ShardCrops(IterableDataset):
         self.urls, self.window, self.rate, self.pad_value = sorted(urls), window, rate, pad_value
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite, self.payload = shuffle_buffer, infinite, payload
-        self.timing_crops = timing_crops
+        self.timing_crops, self.caption_field_dropout = timing_crops, caption_field_dropout
 
     def _shard_stream(self, slot: int, slots: int) -> Iterator[str]:
         mine = slot_shards(self.urls, slot, slots)
@@ -217,7 +233,10 @@ class ShardCrops(IterableDataset):
         cut = None
         if rng is not None and self.timing_crops > 0 and rng.random() < self.timing_crops:
             cut = rng.randint(1, max(1, int(self.window / self.rate) - 1))  # whole seconds, shorter than the window
-        return crop(x, meta, self.window, self.rate, self.pad_value, rng, key=key, cut_seconds=cut)
+        item = crop(x, meta, self.window, self.rate, self.pad_value, rng, key=key, cut_seconds=cut)
+        if rng is not None and self.caption_field_dropout > 0:
+            item.caption = drop_caption_fields(item.caption, self.caption_field_dropout, rng)
+        return item
 
     def __iter__(self) -> Iterator[Crop]:
         import webdataset as wds
@@ -373,6 +392,7 @@ def batches_from(
             shuffle_buffer=cfg.data.shuffle_buffer,
             payload=payload,
             timing_crops=cfg.data.timing_crops,
+            caption_field_dropout=cfg.data.caption_field_dropout,
         )
         return iter(loader(dataset, cfg.deepspeed.micro_batch, cfg.data.num_loader_workers, cfg.scaling.use_gpu))
 

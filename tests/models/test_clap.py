@@ -68,11 +68,14 @@ def test_penultimate_is_the_layer_before_last(pre_norm: bool) -> None:
     assert model.text(ids, mask).hidden_states is None
 
 
-def test_padding_does_not_change_embeddings() -> None:
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_padding_does_not_change_embeddings(pooling: str) -> None:
     torch.manual_seed(0)
     # A stride that does not divide the valid length, to exercise the stem's padding.
     config = ClapConfig(
-        text=TextEncoderConfig(vocab_size=VOCAB, width=32, layers=2, heads=2, max_tokens=16, dropout=0.0),
+        text=TextEncoderConfig(
+            vocab_size=VOCAB, width=32, layers=2, heads=2, max_tokens=16, dropout=0.0, pooling=pooling
+        ),
         audio=AudioEncoderConfig(latent_channels=8, width=32, layers=2, heads=2, downsample=4, dropout=0.0),
         projection_dim=16,
     )
@@ -149,6 +152,22 @@ def test_presets_and_build() -> None:
         build_clap("huge", vocab_size=10)
     with pytest.raises(ValueError, match="heads"):
         TextEncoderConfig(width=10, heads=3)
+    # The caption embedding: sa1 / sa-open pool the <s> state as RoBERTa and CLAP do; tiny the token mean.
+    assert [CLAP_PRESETS[name].text.pooling for name in ("sa1", "sa-open", "tiny")] == ["first", "first", "mean"]
+    with pytest.raises(ValueError, match="pooling"):
+        TextEncoderConfig(pooling="max")
+
+
+def test_mean_pooling_is_the_masked_mean_of_the_last_layer() -> None:
+    model = tiny(pooling="mean")
+    ids, mask = random_text()
+    states = model.text(ids, mask).last_hidden_state  # (3, 12, D)
+    pooled = torch.stack([states[b, mask[b]].mean(0) for b in range(3)])
+    torch.testing.assert_close(model.encode_text(ids, mask), F.normalize(model.text_projection(pooled), dim=-1))
+    first = tiny(pooling="first")
+    torch.testing.assert_close(
+        first.encode_text(ids, mask), F.normalize(first.text_projection(states[:, 0]), dim=-1)
+    )  # the same weights (seed 0): only the pooling differs
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -68,3 +68,24 @@ def test_a_bundle_loads_whole_and_its_folder_gives_its_vae(bundle_dir):
     assert not clap.training and not any(p.requires_grad for p in clap.parameters())
     with pytest.raises(ValueError, match="not a diffusion export"):
         components.load_bundle(str(bundle_dir / "clap"))
+
+
+def test_a_clap_export_pools_captions_as_it_was_trained(tmp_path):
+    """The tiny preset now pools captions by their token mean; an export records its pooling, and one written before
+    that was recorded (no ``text_pooling``) keeps the <s> pooling it was trained with."""
+    import json
+
+    from bundles import write_clap_export
+
+    folder = write_clap_export(tmp_path / "clap", ["solo piano in C major", "string quartet in D minor"])
+    assert components.load_clap(str(folder))[0].config.text.pooling == "mean"
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_pooling"]
+    (folder / "config.json").write_text(json.dumps(config))
+    clap, tokenizer, _ = components.load_clap(str(folder))
+    assert clap.config.text.pooling == "first"
+    ids, mask = (torch.from_numpy(a) for a in tokenizer.encode_batch(["solo piano in C major"], max_length=16))
+    states = clap.text(ids, mask).last_hidden_state
+    torch.testing.assert_close(
+        clap.encode_text(ids, mask), torch.nn.functional.normalize(clap.text_projection(states[:, 0]), dim=-1)
+    )

@@ -57,6 +57,7 @@ def test_overrides_are_typed_and_nested():
         ("run.name=.hidden", "run.name: String should match pattern"),
         ("run.name=-flag", "run.name: String should match pattern"),
         ("run.name=a/b", "run.name: String should match pattern"),
+        ("data.caption_field_dropout=1", "data.caption_field_dropout: Input should be less than 1"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):

@@ -202,3 +202,41 @@ def test_a_timing_crop_is_a_short_file_of_whole_seconds(tmp_path) -> None:
     assert all(c.mask.sum() == round(c.seconds_total * RATE) and c.seconds_start == 0.0 for c in cut)
     share = sum(c.seconds_total < 12.0 for c in crops(0.5)) / 200
     assert 0.35 < share < 0.65
+
+
+def test_caption_field_dropout_keeps_a_shuffled_random_subset(tmp_path) -> None:
+    """``data.caption_field_dropout``: each comma-separated field of a training caption is left out with that
+    chance, the rest come in random order and at least one stays; held-out crops keep their captions whole."""
+    caption = "Agnus I by Palestrina, played on harpsichord, in C major, 4/2 time, 62 BPM"
+    fields = caption.split(", ")
+    rng = random.Random(0)
+    drawn = [data.drop_caption_fields(caption, 0.5, rng) for _ in range(2000)]
+    parts = [d.split(", ") for d in drawn]
+    assert all(p and len(set(p)) == len(p) and set(p) <= set(fields) for p in parts)  # a subset, never empty
+    kept = sum(len(p) for p in parts) / (2000 * len(fields))
+    assert 0.47 < kept < 0.56  # half dropped, a little more kept by the at-least-one rule (1/32 of draws)
+    assert sum(p == fields for p in parts) < sum(len(p) == len(fields) for p in parts)  # full sets come shuffled
+    for field in fields:
+        assert 0.4 < sum(field in p for p in parts) / 2000 < 0.6  # the title no more often than the tempo
+    assert data.drop_caption_fields("one field only", 0.9, rng) == "one field only"
+    assert sorted(data.drop_caption_fields(caption, 0.0, random.Random(1)).split(", ")) == sorted(fields)
+
+    samples = [
+        shards.Sample(
+            key=f"s0_{i}", meta={**meta(0.0, 12.0, caption), "latent_rate": RATE}, latents=np.ones((4, 500), np.float16)
+        )
+        for i in range(4)
+    ]
+    stats = [shards.write_shard(str(tmp_path), shards.shard_name("train", 0), samples)]
+    shards.write_index(
+        str(tmp_path), vae_id="x", vae_config_hash="x", latent_channels=4, latent_rate=RATE, shards=stats, errors=[]
+    )
+    urls = shards.shard_uris(str(tmp_path), "train")
+    off = data.ShardCrops(urls, window=345, rate=RATE, seed=1)
+    assert {c.caption for c in itertools.islice(iter(off), 50)} == {caption}  # off by default
+    on = data.ShardCrops(urls, window=345, rate=RATE, seed=1, caption_field_dropout=0.5)
+    assert len({c.caption for c in itertools.islice(iter(on), 50)}) > 20
+    again = data.ShardCrops(urls, window=345, rate=RATE, seed=1, caption_field_dropout=0.5)
+    assert [c.caption for c in itertools.islice(iter(on), 50)] == [c.caption for c in itertools.islice(iter(again), 50)]
+    held = data.ShardCrops(urls, window=345, rate=RATE, infinite=False, caption_field_dropout=0.5)
+    assert {c.caption for c in held} == {caption}  # evaluation crops are never touched
