@@ -7,6 +7,8 @@
 Measures, on a synthetic set of 44.1 kHz stereo wav clips in a temp dir:
 - ``encoder_only``: the VAE encoder on pre-decoded tensors (same batching as the job, one thread per worker,
   so it is the ceiling for one worker), in a fresh process as a worker is;
+- ``encoders_together``: two such processes encoding at once (no Ray, no I/O): how far this machine lets the
+  encoder scale to two workers at all, the ceiling for the job's 2-over-1 speedup;
 - ``job``: ``longplay preprocess`` end to end (list, decode, encode, tar, write, index) on Ray with 1 and with 2
   workers, each worker 1 CPU; wall time includes starting the actors, as a user would see it.
 The ratio ``job / encoder_only`` makes the pipeline's overhead visible; each job run also carries the job's own
@@ -87,16 +89,23 @@ def arch_vae(directory: Path) -> str:
     return str(components.save_vae(Autoencoder(vae_config()), directory))
 
 
-def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) -> dict:
+def _encoder_and_pieces(vae: str, root: Path) -> tuple:
     import torch
 
     from pipeline import allocator, components
-    from preprocess import audio, encode
+    from preprocess import audio
 
     torch.set_num_threads(1)
     allocator.tune()  # as the job's workers run (pipeline/allocator.py)
     model = components.load_vae(vae)
     pieces = [s.audio for p in sorted(root.glob("*.wav")) for s in audio.segments(audio.decode(str(p)).audio, 95.0)]
+    return model, pieces
+
+
+def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) -> dict:
+    from preprocess import encode
+
+    model, pieces = _encoder_and_pieces(vae, root)
     encode.encode(model, pieces[:1], cfg.batch_size, cfg.chunk_seconds)  # warm-up (kernel selection)
     seconds = sum(p.shape[-1] for p in pieces) / 44100
     passes = []
@@ -113,6 +122,33 @@ def encoder_only(vae: str, root: Path, cfg: PreprocessConfig, repeats: int = 2) 
         "first_pass_seconds": round(passes[0], 3),
         "first_pass_audio_seconds_per_second": round(seconds / passes[0], 2),
     }
+
+
+def encoder_pass_together(vae: str, root: Path, cfg: PreprocessConfig, barrier) -> tuple[float, float]:
+    """One of several encoder processes: a warm pass over every piece, then a timed pass started at the same
+    moment as the others' (``barrier``). Returns (audio seconds, wall seconds) of the timed pass."""
+    from preprocess import encode
+
+    model, pieces = _encoder_and_pieces(vae, root)
+    encode.encode(model, pieces, cfg.batch_size, cfg.chunk_seconds)  # as encoder_only's first pass
+    barrier.wait()
+    start = time.perf_counter()
+    encode.encode(model, pieces, cfg.batch_size, cfg.chunk_seconds)
+    return sum(p.shape[-1] for p in pieces) / 44100, time.perf_counter() - start
+
+
+def encoders_together(vae: str, root: Path, cfg: PreprocessConfig, processes: int) -> dict:
+    """The machine's own ceiling for ``processes`` workers: that many bare encoder processes (one thread each, no
+    Ray, no I/O) encoding at once. Their combined audio-s/s over one process's says how far the cores, caches and
+    memory bandwidth let the encoder scale, whatever the job around it does."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(processes) as pool:
+        barrier = manager.Barrier(processes)
+        parts = [pool.apply_async(encoder_pass_together, (vae, root, cfg, barrier)) for _ in range(processes)]
+        passes = [part.get() for part in parts]
+    seconds, wall = sum(p[0] for p in passes), max(p[1] for p in passes)
+    return {"processes": processes, "audio_seconds": round(seconds, 3), "wall_seconds": round(wall, 3),
+            "audio_seconds_per_second": round(seconds / wall, 2)}  # fmt: skip
 
 
 def job_run(vae: str, src: Path, workers: int, cfg: PreprocessConfig) -> dict:
@@ -168,6 +204,7 @@ def main() -> int:
         # steady-state size) stayed with the driver and the jobs after it encoded 1.2x slower than in a fresh process.
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             enc = pool.apply(encoder_only, (vae, src, cfg))
+        together = encoders_together(vae, src, cfg, 2)
         runs = [job_run(vae, src, workers, cfg) for workers in (1, 2)]
     result = {
         "benchmark": "preprocess",
@@ -187,6 +224,9 @@ def main() -> int:
             for r in runs
         },
         "speedup_2_over_1_workers": round(runs[1]["audio_seconds_per_second"] / runs[0]["audio_seconds_per_second"], 3),
+        # The ceiling for the line above: two bare encoder processes at once over one (the same pass: the second).
+        "encoders_together": together,
+        "speedup_2_over_1_encoders": round(together["audio_seconds_per_second"] / enc["audio_seconds_per_second"], 3),
         "load_average": os.getloadavg(),
     }
     out = Path(args.out)
