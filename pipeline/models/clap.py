@@ -253,6 +253,12 @@ def sinusoidal_positions(length: int, width: int, device: torch.device | None = 
     return table
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), mask (B, N) bool -> (B, D): the mean over the valid positions (zeros for a row with none)."""
+    weights = mask[:, :, None].to(x.dtype)  # (B, N, 1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 class AudioEncoder(nn.Module):
     """VAE latents (B, C, T) -> conv stem (stride `downsample`) -> pre-LN transformer -> masked mean (B, D_a).
 
@@ -293,9 +299,7 @@ class AudioEncoder(nn.Module):
         key_mask = _safe_key_mask(tokens_mask)
         for block in self.blocks:
             x = block(x, key_mask)
-        x = self.final_norm(x)
-        weights = tokens_mask[:, :, None].to(x.dtype)  # (B, N, 1)
-        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, D_a)
+        return masked_mean(self.final_norm(x), tokens_mask)  # (B, D_a)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,11 +353,7 @@ class CLAP(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, L), mask (B, L) -> (B, P) unit vectors, from the last layer's <s> state or its token mean."""
         states = self.text(ids, mask).last_hidden_state  # (B, L, D_t)
-        if self.config.text.pooling == "mean":
-            weights = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
-            h = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D_t)
-        else:
-            h = states[:, 0]  # (B, D_t)
+        h = masked_mean(states, mask) if self.config.text.pooling == "mean" else states[:, 0]  # (B, D_t)
         return F.normalize(self.text_projection(h), dim=-1)
 
     def encode_audio(self, latents: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,6 +87,21 @@ def _write(tmp_path, counts: list[int]) -> list[str]:
     return shards.shard_uris(out, "train")
 
 
+def _one_shard(tmp_path, caption: str = "c") -> list[str]:
+    """One train shard of four 11.6 s segments (500 frames) of a 12 s file captioned ``caption``; its URIs."""
+    samples = [
+        shards.Sample(
+            key=f"s0_{i}", meta={**meta(0.0, 12.0, caption), "latent_rate": RATE}, latents=np.ones((4, 500), np.float16)
+        )
+        for i in range(4)
+    ]
+    stats = [shards.write_shard(str(tmp_path), shards.shard_name("train", 0), samples)]
+    shards.write_index(
+        str(tmp_path), vae_id="x", vae_config_hash="x", latent_channels=4, latent_rate=RATE, shards=stats, errors=[]
+    )
+    return shards.shard_uris(str(tmp_path), "train")
+
+
 def test_ranks_stream_forever_on_uneven_shards(tmp_path) -> None:
     urls = _write(tmp_path, [3, 1, 2])  # 3 shards over 2 ranks: rank 0 gets 2 shards (5 samples), rank 1 one (1)
     keys = {}
@@ -180,17 +195,7 @@ def test_a_timing_crop_is_a_short_file_of_whole_seconds(tmp_path) -> None:
     )
     assert evaluation.mask.all() and evaluation.seconds_total == 95.0  # evaluation crops are never cut
 
-    samples = [
-        shards.Sample(
-            key=f"s0_{i}", meta={**meta(0.0, 12.0), "latent_rate": RATE}, latents=np.ones((4, 500), np.float16)
-        )
-        for i in range(4)
-    ]  # 11.6 s segments of a 12 s file
-    stats = [shards.write_shard(str(tmp_path), shards.shard_name("train", 0), samples)]
-    shards.write_index(
-        str(tmp_path), vae_id="x", vae_config_hash="x", latent_channels=4, latent_rate=RATE, shards=stats, errors=[]
-    )
-    urls = shards.shard_uris(str(tmp_path), "train")
+    urls = _one_shard(tmp_path)  # 11.6 s segments of a 12 s file
 
     def crops(share: float) -> list[data.Crop]:
         stream = data.ShardCrops(urls, window=345, rate=RATE, seed=1, timing_crops=share)  # 8 s windows
@@ -221,17 +226,7 @@ def test_caption_field_dropout_keeps_a_shuffled_random_subset(tmp_path) -> None:
     assert data.drop_caption_fields("one field only", 0.9, rng) == "one field only"
     assert sorted(data.drop_caption_fields(caption, 0.0, random.Random(1)).split(", ")) == sorted(fields)
 
-    samples = [
-        shards.Sample(
-            key=f"s0_{i}", meta={**meta(0.0, 12.0, caption), "latent_rate": RATE}, latents=np.ones((4, 500), np.float16)
-        )
-        for i in range(4)
-    ]
-    stats = [shards.write_shard(str(tmp_path), shards.shard_name("train", 0), samples)]
-    shards.write_index(
-        str(tmp_path), vae_id="x", vae_config_hash="x", latent_channels=4, latent_rate=RATE, shards=stats, errors=[]
-    )
-    urls = shards.shard_uris(str(tmp_path), "train")
+    urls = _one_shard(tmp_path, caption)
     off = data.ShardCrops(urls, window=345, rate=RATE, seed=1)
     assert {c.caption for c in itertools.islice(iter(off), 50)} == {caption}  # off by default
     on = data.ShardCrops(urls, window=345, rate=RATE, seed=1, caption_field_dropout=0.5)
