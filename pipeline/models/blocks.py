@@ -20,12 +20,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
 RESIDUAL_DILATIONS = (1, 3, 9)  # the paper's (and DAC's) dilation pattern inside every block
 RESIDUAL_KERNEL = 7  # taps of the dilated conv in a residual unit
 AUDIO_KERNEL = 7  # taps of the encoder's first and the decoder's last conv, at the audio rate
+INFERENCE_TILE_ELEMENTS = 1 << 19  # CPU inference runs long inputs in time tiles of this many elements per thread
+MIN_TILE_STEPS = 1024  # and never narrower: the conv library may pick other kernels for very narrow inputs
+
+
+def time_tile(x: torch.Tensor) -> int | None:
+    """Time steps per tile for CPU inference on ``x`` (B, C, T), or None to run it whole: when gradients are on,
+    on a GPU (one kernel per op is what it wants) or when T is under two tiles. A tile holds about 2 MB (a core's
+    L2 here) per torch thread. Each output element is the same sum of the same products as without tiles: the
+    tests check that latents and audio are bit-for-bit the same."""
+    if torch.is_grad_enabled() or x.device.type != "cpu":
+        return None
+    tile = max(INFERENCE_TILE_ELEMENTS * torch.get_num_threads() // (x.shape[0] * x.shape[1]), MIN_TILE_STEPS)
+    return tile if x.shape[-1] > 2 * tile else None
 
 
 class SnakeBeta(nn.Module):
@@ -46,8 +60,20 @@ class SnakeBeta(nn.Module):
         inv_beta = (self.beta.exp()[None, :, None] + 1e-9).reciprocal()
         if torch.is_grad_enabled():
             return torch.addcmul(x, torch.sin(alpha * x).square(), inv_beta)
-        # Inference: one buffer, updated in place; Snake at audio rate is as costly as the convolutions.
-        return torch.addcmul(x, (alpha * x).sin_().square_(), inv_beta)
+        tile = time_tile(x)
+        if tile is None:
+            # One buffer, updated in place; Snake at audio rate is as costly as the convolutions.
+            return torch.addcmul(x, (alpha * x).sin_().square_(), inv_beta)
+        # The same operations per time tile: the tile's temporary is used while it is still in cache, instead of
+        # four passes over a buffer the size of the input in memory.
+        out = torch.empty_like(x)
+        scratch = torch.empty((*x.shape[:-1], tile), dtype=x.dtype)
+        for start in range(0, x.shape[-1], tile):
+            part = x[..., start : start + tile]
+            buf = scratch[..., : part.shape[-1]]
+            torch.mul(part, alpha, out=buf).sin_().square_()
+            torch.addcmul(part, buf, inv_beta, out=out[..., start : start + tile])
+        return out
 
 
 def conv1d(
@@ -80,7 +106,26 @@ class ResidualUnit(nn.Module):
         self.conv2 = conv1d(channels, channels, 1, bias=bias, weight_norm=weight_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+        tile = time_tile(x)
+        if tile is None:
+            return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+        # The unit one time tile at a time, each read with the dilated conv's reach on both sides (zeros beyond
+        # the input's ends, as the conv's own padding): the four intermediate tensors stay in cache instead of
+        # going through memory at the input's size. Every output element sums the same products in the same order.
+        reach = self.conv1.padding[0]
+        w1, b1, w2, b2 = self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias  # weight norm once
+        out = torch.empty_like(x)
+        length = x.shape[-1]
+        for start in range(0, length, tile):
+            end = min(start + tile, length)
+            lo, hi = max(start - reach, 0), min(end + reach, length)
+            y = self.act1(x[..., lo:hi])
+            if hi - lo < end - start + 2 * reach:
+                y = F.pad(y, (reach - (start - lo), reach - (hi - end)))
+            y = F.conv1d(y, w1, b1, dilation=self.conv1.dilation)
+            y = F.conv1d(self.act2(y), w2, b2)
+            torch.add(x[..., start:end], y, out=out[..., start:end])
+        return out
 
 
 class EncoderBlock(nn.Module):

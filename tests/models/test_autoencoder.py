@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.components import load_vae, save_vae
+from pipeline.models import blocks
 from pipeline.models.autoencoder import (
     AUTOENCODER_PRESETS,
     Autoencoder,
@@ -137,6 +138,28 @@ def test_chunked_decode_matches_full_pass(tiny: Autoencoder) -> None:
     assert chunked.shape == full.shape
     error = (chunked - full).abs().max() / full.abs().max()
     assert error < 1e-5, f"relative max abs difference {error:.2e}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_inference_in_time_tiles_changes_no_bit(tiny: Autoencoder, monkeypatch, threads: int) -> None:
+    """On the CPU, inference runs long inputs' Snakes and residual units in time tiles (blocks.time_tile), for
+    cache locality: latents and decoded audio must be bit-for-bit those of the whole-tensor pass, with ragged last
+    tiles, the input's two ends and a batch of two."""
+    audio = torch.cat([_music(3.0, seed=1), _music(3.0, seed=2)])[..., :-777]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the tile length's thread count, not torch's
+    with torch.inference_mode():
+        monkeypatch.setattr(blocks, "INFERENCE_TILE_ELEMENTS", 1 << 40)  # never tiled
+        assert blocks.time_tile(torch.empty(2, 16, audio.shape[-1])) is None
+        whole = tiny.encode(audio)
+        heard = tiny.decode(whole)
+        monkeypatch.setattr(blocks, "INFERENCE_TILE_ELEMENTS", 1 << 12)  # the narrowest tiles, down to every stage
+        assert blocks.time_tile(torch.empty(2, 16, audio.shape[-1])) == blocks.MIN_TILE_STEPS
+        tiled = tiny.encode(audio)
+        tiled_heard = tiny.decode(whole)
+    assert torch.equal(tiled, whole)
+    assert torch.equal(tiled_heard, heard)
+    with torch.enable_grad():  # training runs whole tensors: autograd keeps them anyway
+        assert blocks.time_tile(torch.empty(2, 16, audio.shape[-1])) is None
 
 
 def test_too_little_context_is_visible(tiny: Autoencoder) -> None:
