@@ -211,7 +211,7 @@ def run(
     results: dict[str, ShardResult] = {}
     failures: dict[str, str] = {}
     bar = _progress_bar(len(plans), len(plans) - len(pending), progress)
-    planned = time.monotonic()  # listing, planning and the claim are done
+    planned, planned_at = time.monotonic(), time.time()  # listing, planning and the claim are done
     first_result: list[float] = []
 
     def on_result(plan: ShardPlan, result: ShardResult | None, exc: BaseException | None) -> None:
@@ -274,7 +274,44 @@ def run(
         "setup_seconds": round(planned - started, 3),
         "first_shard_seconds": round(first_result[0] - planned, 3) if first_result else None,
         "worker_stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
+        **timeline(list(results.values()), planned_at),
     }
+
+
+def timeline(results: list[ShardResult], planned_at: float) -> dict[str, Any]:
+    """What the workers' timeline says about the job's speed, from the shards they wrote in this run:
+
+    - ``workers_ready_seconds``: from the end of planning until the last worker had its VAE loaded (actor start,
+      imports, VAE load);
+    - ``tail_seconds``: from the first worker running out of shards to the last one finishing (the others idle);
+    - ``steady_audio_seconds_per_second``: audio encoded per second while every worker was busy, from the last
+      worker's first shard start to the first worker's last shard end (each shard counted by the part of it that
+      falls in that window): the rate a longer job approaches, without start-up and tail.
+
+    Times are the workers' wall clocks: exact on one machine, as good as the nodes' clock sync on a cluster."""
+    ran: dict[str, list[ShardResult]] = {}
+    for r in results:
+        if not r.skipped and r.worker:
+            ran.setdefault(r.worker, []).append(r)
+    if not ran:
+        return {}
+    first_start = max(min(r.started_at for r in rs) for rs in ran.values())
+    last_ends = [max(r.finished_at for r in rs) for rs in ran.values()]
+    out: dict[str, Any] = {
+        "workers_ready_seconds": round(max(rs[0].worker_ready_at for rs in ran.values()) - planned_at, 3),
+        "tail_seconds": round(max(last_ends) - min(last_ends), 3),
+        "steady_audio_seconds_per_second": None,
+    }
+    window = min(last_ends) - first_start
+    if window > 0:
+        audio = 0.0
+        for rs in ran.values():
+            for r in rs:
+                inside = min(r.finished_at, min(last_ends)) - max(r.started_at, first_start)
+                if inside > 0:
+                    audio += r.audio_seconds * inside / max(r.finished_at - r.started_at, 1e-9)
+        out["steady_audio_seconds_per_second"] = round(audio / window, 3)
+    return out
 
 
 def _absolute(uri: str) -> str:

@@ -13,6 +13,8 @@ pieces (segments and augmented copies) are batched across inputs until ``batch_s
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +42,12 @@ class ShardResult:
     audio_seconds: float  # of 44.1 kHz audio encoded in this call (0 when the shard was already done)
     skipped: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage (see ShardWorker.process)
+    # The job's timeline (wall-clock Unix times, so comparable across the processes of one machine): which worker
+    # ran the shard ("host:pid"), when that worker had loaded its VAE, and when the shard started and finished.
+    worker: str = ""
+    worker_ready_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 @dataclass
@@ -126,14 +134,17 @@ class ShardWorker:
         check_loaded(self.model, vae)
         self.chain = augment.build_chain(self.cfg.augment.chain)
         self.copies = self.cfg.augment.copies if self.chain is not None else 0
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.ready_at = time.time()
 
     # ------------------------------------------------------------------ the shard
     def process(self, plan: ShardPlan) -> ShardResult:
         """Write the shard ``plan`` names. ``ShardResult.seconds`` says where its wall time went: ``wait`` (for the
         decode thread), ``segment_augment``, ``encode``, ``write`` (tar + upload + marker) and ``total`` on this
         thread; ``fetch`` and ``decode`` are the decode thread's own time, which overlaps the others."""
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         timings: dict[str, float] = dict.fromkeys(("wait", "segment_augment", "encode", "write"), 0.0)
+        timeline = {"worker": self.name, "worker_ready_at": self.ready_at, "started_at": started_at}
 
         @contextmanager
         def timed(stage: str) -> Iterator[None]:
@@ -142,7 +153,8 @@ class ShardWorker:
             timings[stage] += time.perf_counter() - t0
 
         if shards.is_done(self.out, plan.name):  # a retry racing a finished attempt: never write a shard twice
-            return ShardResult(shards.read_stats(self.out, plan.name), len(plan.inputs), 0.0, skipped=True)
+            stats = shards.read_stats(self.out, plan.name)
+            return ShardResult(stats, len(plan.inputs), 0.0, skipped=True, **timeline, finished_at=time.time())
         loaded: list[_Loaded] = []  # every input, in plan order
         pieces: list[_Piece] = []  # every piece, in sample order; pieces[encoded:] wait for a full batch
         encoded = 0
@@ -175,7 +187,7 @@ class ShardWorker:
         timings["fetch"] = sum(item.fetch_seconds for item in loaded)
         timings["decode"] = sum(item.decode_seconds for item in loaded)
         timings["total"] = time.perf_counter() - started
-        return ShardResult(stats, len(plan.inputs), seconds, seconds=timings)
+        return ShardResult(stats, len(plan.inputs), seconds, seconds=timings, **timeline, finished_at=time.time())
 
     def _prefetch(self, items: list[InputItem], timings: dict[str, float]) -> Iterator[_Loaded]:
         """The inputs fetched and decoded on a thread, in order; ``timings["wait"]`` adds the time spent waiting."""

@@ -63,8 +63,32 @@ def test_the_summary_says_where_the_time_went(tmp_path):
     on_thread = stages["wait"] + stages["segment_augment"] + stages["encode"] + stages["write"]
     assert on_thread <= stages["total"] + 1e-3 and summary["setup_seconds"] >= 0
     assert 0 < summary["first_shard_seconds"] <= summary["wall_seconds"]
+    # One worker: no tail, ready before its first shard, and its steady rate is its audio over its busy span.
+    assert summary["tail_seconds"] == 0 and 0 <= summary["workers_ready_seconds"] < summary["wall_seconds"]
+    assert summary["steady_audio_seconds_per_second"] >= summary["audio_seconds_per_second"] > 0
     again = job.run(str(tmp_path / "src"), out, "preset:tiny", _cfg(), backend="local", progress=False)
     assert again["worker_stage_seconds"] == {} and again["first_shard_seconds"] is None
+    assert "steady_audio_seconds_per_second" not in again
+
+
+def test_the_timeline_separates_start_up_steady_state_and_tail():
+    """Two workers, times in seconds after planning: A ready at 1, shards [0, 10] and [10, 20] of 100 s of audio
+    each; B ready at 3, shards [4, 14] (100 s) and [14, 18] (50 s). Both are busy from 4 to 18: A contributes 60 + 80
+    s of audio to that window, B 100 + 50, so 290 s in 14 s; then A runs alone for 2 s."""
+    stats = shards.ShardStats(name="x", samples=1, bytes=1, sha256="", errors=[])
+
+    def shard(who: str, ready: float, start: float, end: float, audio: float) -> worker.ShardResult:
+        return worker.ShardResult(stats, 1, audio, worker=who, worker_ready_at=1000 + ready,
+                                  started_at=1000 + start, finished_at=1000 + end)  # fmt: skip
+
+    results = [shard("a", 1, 0, 10, 100), shard("a", 1, 10, 20, 100), shard("b", 3, 4, 14, 100)]
+    results += [shard("b", 3, 14, 18, 50), dataclasses.replace(shard("c", 0, 0, 30, 0), skipped=True)]
+    assert job.timeline(results, planned_at=1000) == {
+        "workers_ready_seconds": 3.0,
+        "tail_seconds": 2.0,
+        "steady_audio_seconds_per_second": round(290 / 14, 3),
+    }
+    assert job.timeline([dataclasses.replace(r, skipped=True) for r in results], planned_at=1000) == {}
 
 
 def test_an_out_of_another_job_is_refused(tmp_path):
