@@ -33,10 +33,11 @@ MIN_TILE_STEPS = 1024  # and never narrower: the conv library may pick other ker
 
 def time_tile(x: torch.Tensor) -> int | None:
     """Time steps per tile for CPU inference on ``x`` (B, C, T), or None to run it whole: when gradients are on,
-    on a GPU (one kernel per op is what it wants) or when T is under two tiles. A tile holds about 2 MB (a core's
-    L2 here) per torch thread. Each output element is the same sum of the same products as without tiles: the
-    tests check that latents and audio are bit-for-bit the same."""
-    if torch.is_grad_enabled() or x.device.type != "cpu":
+    on a GPU (one kernel per op is what it wants), under autocast (bf16 convolutions of other widths round
+    differently) or when T is under two tiles. A tile holds about 2 MB (a core's L2 here) per torch thread. Each
+    output element is the same sum of the same products as without tiles: the tests check that latents and audio
+    are bit-for-bit the same."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return None
     tile = max(INFERENCE_TILE_ELEMENTS * torch.get_num_threads() // (x.shape[0] * x.shape[1]), MIN_TILE_STEPS)
     return tile if x.shape[-1] > 2 * tile else None
