@@ -302,12 +302,13 @@ def timeline(results: list[ShardResult], planned_at: float) -> dict[str, Any]:
         "tail_seconds": round(max(last_ends) - min(last_ends), 3),
         "steady_audio_seconds_per_second": None,
     }
-    window = min(last_ends) - first_start
+    first_idle = min(last_ends)
+    window = first_idle - first_start
     if window > 0:
         audio = 0.0
         for rs in ran.values():
             for r in rs:
-                inside = min(r.finished_at, min(last_ends)) - max(r.started_at, first_start)
+                inside = min(r.finished_at, first_idle) - max(r.started_at, first_start)
                 if inside > 0:
                     audio += r.audio_seconds * inside / max(r.finished_at - r.started_at, 1e-9)
         out["steady_audio_seconds_per_second"] = round(audio / window, 3)
